@@ -1,0 +1,42 @@
+# make fit   : install (when needed), generate the embedded data, run the main VISOR job
+# make test  : install (when needed), run the test suite
+# The virtual environment is keyed by a hash of the dependency specification, so a changed
+# dependency installs afresh. VENV_ROOT may point outside the clone (CI reuses one there).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV_ROOT ?= .venv-cache
+DEPS_HASH := $(shell cat pyproject.toml tools/requirements.py | sha256sum | cut -c1-16)
+VENV := $(VENV_ROOT)/$(DEPS_HASH)
+PY := $(VENV)/bin/python
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
+CONFIG ?= configs/visor.yaml
+
+.PHONY: install fit test test-all build clean
+
+$(VENV)/.installed: pyproject.toml tools/requirements.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) tools/requirements.py --dev > $(VENV)/requirements.txt
+	$(PY) -m pip install -q setuptools wheel -r $(VENV)/requirements.txt
+	touch $@
+
+# Rebuilt whenever a C++/CUDA source changes (FORCE_CUDA=1 adds the .cu sources).
+src/_C.stamp: $(VENV)/.installed $(EXT_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+install: src/_C.stamp
+
+build: src/_C.stamp
+
+fit: install
+	$(PY) -m src.cli fit --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+clean:
+	rm -rf build src/_C*.so src/_C.stamp

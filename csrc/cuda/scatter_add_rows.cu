@@ -1,0 +1,43 @@
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/Atomic.cuh>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace visor {
+
+template <typename scalar_t>
+__global__ void scatter_add_rows_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ delta,
+                                        const int64_t* __restrict__ index, int64_t K, int64_t D) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= K * D) return;
+  const int64_t k = i / D, c = i % D;
+  gpuAtomicAdd(out + index[k] * D + c, delta[i]);  // atomics: duplicate indices accumulate
+}
+
+at::Tensor scatter_add_rows_cuda(const at::Tensor& x, const at::Tensor& index, const at::Tensor& delta) {
+  TORCH_CHECK(x.dim() == 2 && delta.dim() == 2, "scatter_add_rows: x (N, D) and delta (K, D) expected");
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == delta.size(0), "scatter_add_rows: index must be (K,)");
+  TORCH_CHECK(x.size(1) == delta.size(1), "scatter_add_rows: x and delta differ in D");
+  TORCH_CHECK(index.scalar_type() == at::kLong, "scatter_add_rows: index must be int64");
+  TORCH_CHECK(x.scalar_type() == delta.scalar_type(), "scatter_add_rows: x and delta dtypes differ");
+  c10::cuda::CUDAGuard guard(x.device());
+  auto out = x.contiguous().clone();
+  auto d = delta.contiguous();
+  auto idx = index.contiguous();
+  const int64_t K = d.size(0), D = x.size(1);
+  if (K * D == 0) return out;
+  const int threads = 256;
+  const int64_t blocks = (K * D + threads - 1) / threads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_add_rows_cuda", [&] {
+    scatter_add_rows_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        out.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), K, D);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace visor
+
+TORCH_LIBRARY_IMPL(visor, CUDA, m) { m.impl("scatter_add_rows", &visor::scatter_add_rows_cuda); }

@@ -1,0 +1,1 @@
+"""VISOR: VISion On Request."""

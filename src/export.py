@@ -1,0 +1,48 @@
+"""Export a Lightning checkpoint as a shippable base checkpoint, validating it first.
+
+    python -m src.export --config configs/base.yaml --ckpt outputs/base/checkpoints/last.ckpt \
+        --out checkpoints/base [--note "interim: ..."]
+
+The manifest records the recipe, commit, data seed, training step and the validation accuracy
+per task measured here, on the exported (half-precision) weights."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from src.cli import VisorCLI
+from src.data.datamodule import VQADataModule
+from src.lit.checkpoint_io import export_checkpoint, exportable_state
+from src.lit.module import VisorLitModule
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--note", default="")
+    args, overrides = ap.parse_known_args(argv)  # the rest goes to the LightningCLI (e.g. --data.val_images 100)
+    cli = VisorCLI(VisorLitModule, VQADataModule, run=False, save_config_callback=None,
+                   args=["--config", args.config, "--trainer.logger", "false", *overrides])
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    cli.model.load_state_dict(ckpt["state_dict"])
+    lvlm = cli.model.lvlm
+    # Validate what ships: round the weights to half precision first.
+    with torch.no_grad():
+        for k, v in exportable_state(lvlm).items():
+            lvlm.state_dict()[k].copy_(v.to(lvlm.state_dict()[k].dtype))
+    (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    manifest = {"recipe": args.config, "recipe_text": Path(args.config).read_text(),
+                "data": dict(cli.datamodule.hparams), "source_checkpoint": args.ckpt,
+                "global_step": ckpt.get("global_step"), "note": args.note,
+                "validation": {k: round(float(v), 4) for k, v in metrics.items()}}
+    export_checkpoint(lvlm, args.out, manifest)
+    print(f"exported {args.out}: step {manifest['global_step']}, validation {manifest['validation']}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

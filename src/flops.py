@@ -1,0 +1,91 @@
+"""Analytical FLOPs per layer kind and per sample (1 multiply-add = 2 FLOPs).
+
+Counted the way `torch.utils.flop_counter.FlopCounterMode` counts: matmuls and attention
+(4 * H * Sq * Sk * hd for QK^T and AV, a causal mask not discounted); norms, activations and
+RoPE are left out. The vision encoder is measured once with FlopCounterMode (any timm model),
+the projector and the LLM are analytical. Cross-checked against the counter in tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from src.models.decoder import DecoderConfig
+
+
+def _linear_per_token(c: DecoderConfig) -> int:
+    qo = 2 * 2 * c.d_model * c.n_heads * c.head_dim
+    kv = 2 * 2 * c.d_model * c.n_kv_heads * c.head_dim
+    mlp = 3 * 2 * c.d_model * c.intermediate_size
+    return qo + kv + mlp
+
+
+def attention_flops(c: DecoderConfig, n_queries: int, n_keys: int) -> int:
+    return 4 * c.n_heads * n_queries * n_keys * c.head_dim
+
+
+def cross_sublayer_flops(c: DecoderConfig, V: int, T: int) -> int:
+    """The cross-attention sublayer alone: q/o projections over T, k/v projections over V, attention T x V."""
+    qo = 2 * 2 * T * c.d_model * c.n_heads * c.head_dim
+    kv = 2 * 2 * V * c.d_model * c.n_kv_heads * c.head_dim
+    return qo + kv + attention_flops(c, T, V)
+
+
+def layer_flops(c: DecoderConfig, kind: str, V: int, T: int) -> int:
+    """One decoder layer of `kind` for one sample with V visual and T text tokens."""
+    if kind == "self":
+        S = V + T
+        return S * _linear_per_token(c) + attention_flops(c, S, S)
+    text = T * _linear_per_token(c) + attention_flops(c, T, T)
+    if kind == "text":
+        return text
+    if kind == "cross":
+        return text + cross_sublayer_flops(c, V, T)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def llm_flops(c: DecoderConfig, kinds: Sequence[str], V: int, T: int, lm_head: bool = True) -> int:
+    """The whole LLM for one sample: every layer by its kind, plus the LM head over the T text tokens."""
+    total = sum(layer_flops(c, k, V, T) for k in kinds)
+    return total + (2 * T * c.d_model * c.vocab_size if lm_head else 0)
+
+
+@dataclass
+class SampleFlops:
+    vision: int
+    projector: int
+    llm: int
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.projector + self.llm
+
+
+def measured_flops(fn, *args) -> int:
+    """FLOPs of fn(*args) as FlopCounterMode counts them."""
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def vision_flops_per_image(encoder) -> int:
+    """Measured once per encoder (any timm architecture), cached on it."""
+    if getattr(encoder, "_flops_per_image", None) is None:
+        x = torch.zeros(1, 3, encoder.image_size, encoder.image_size, device=next(encoder.parameters()).device)
+        with torch.no_grad():
+            encoder._flops_per_image = measured_flops(encoder, x)
+    return encoder._flops_per_image
+
+
+def sample_flops(model, T: int) -> SampleFlops:
+    """FLOPs for one sample with T text tokens through a VisorLVLM (inference, one forward)."""
+    c = model.decoder.config
+    V0 = model.vision.num_tokens
+    proj = 2 * V0 * (model.projector.fc1.in_features * c.d_model + c.d_model * c.d_model)
+    if model.pos_conv is not None:
+        proj += 2 * V0 * c.d_model * model.pos_conv.conv.kernel_size[0]
+    return SampleFlops(vision=vision_flops_per_image(model.vision), projector=proj,
+                       llm=llm_flops(c, model.plan.kinds, model.num_visual_tokens, T))

@@ -1,0 +1,36 @@
+"""Callbacks: export the trained LVLM as a shippable base checkpoint with its manifest."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+
+from src.lit.checkpoint_io import export_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class ExportCheckpoint(L.Callback):
+    """At the end of fit, write `dirpath/model.safetensors` (half precision) and `manifest.json`
+    (recipe, commit, data seed, steps, last validation metrics)."""
+
+    def __init__(self, dirpath: str, config_path: Optional[str] = None) -> None:
+        self.dirpath, self.config_path = dirpath, config_path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        dm = trainer.datamodule
+        manifest = {
+            "recipe": self.config_path,
+            "recipe_text": Path(self.config_path).read_text() if self.config_path and Path(self.config_path).exists() else None,
+            "data": dict(dm.hparams) if dm is not None else None,
+            "module": dict(pl_module.hparams),
+            "global_step": trainer.global_step,
+            "validation": metrics,
+        }
+        out = export_checkpoint(pl_module.lvlm, self.dirpath, manifest)
+        log.info("exported base checkpoint to %s (val/acc=%s)", out, metrics.get("val/acc"))

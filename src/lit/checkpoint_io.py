@@ -1,0 +1,85 @@
+"""Base checkpoints: export a trained LVLM as half-precision safetensors + manifest, and load one
+into a (possibly VISOR-converted) LVLM with an explicit account of every tensor."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from src.models.lvlm import VisorLVLM
+
+
+class CheckpointMismatch(RuntimeError):
+    """Missing, unexpected or mis-shaped tensors; the message lists their names."""
+
+
+def _tied_alias(model: VisorLVLM) -> Optional[str]:
+    return "decoder.lm_head.weight" if model.decoder.config.tie_embeddings else None
+
+
+def exportable_state(model: VisorLVLM, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
+    """The state dict to ship: tied aliases dropped, floating tensors cast to `dtype`."""
+    alias = _tied_alias(model)
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == alias:
+            continue
+        out[k] = (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+    return out
+
+
+def architecture(model: VisorLVLM) -> dict:
+    return {"vision": {"name": model.vision.name, "feature_layer": model.vision.feature_layer,
+                       "image_size": model.vision.image_size},
+            "decoder": model.decoder.config.to_dict(), "plan": model.plan.kinds,
+            "pos_conv": model.pos_conv is not None,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def export_checkpoint(model: VisorLVLM, out_dir: str | Path, manifest: dict) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(exportable_state(model), str(out_dir / "model.safetensors"))
+    manifest = {"architecture": architecture(model), "commit": git_commit(), **manifest}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    return out_dir
+
+
+def load_base_checkpoint(model: VisorLVLM, path: str | Path) -> Dict[str, list]:
+    """Load base weights into `model`. Every base tensor must land; the only model tensors the base
+    may lack are the ones VISOR adds (cross sublayers, positional conv), which keep their
+    initialisation (cross sublayers re-copied from their freshly loaded host layers).
+    Returns {"loaded": [...], "new": [...]}; raises CheckpointMismatch listing any other difference."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"base checkpoint {path} does not exist")
+    base = load_file(str(path))
+    target = model.state_dict()
+    alias = _tied_alias(model)
+    new = set(model.new_parameter_names())
+    expected = {k for k in target if k != alias and k not in new}
+    missing = sorted(expected - set(base))
+    unexpected = sorted(set(base) - expected)
+    misshaped = sorted(f"{k}: checkpoint {tuple(base[k].shape)} vs model {tuple(target[k].shape)}"
+                       for k in expected & set(base) if base[k].shape != target[k].shape)
+    if missing or unexpected or misshaped:
+        raise CheckpointMismatch(f"{path} does not fit the model:\n  missing: {missing}\n"
+                                 f"  unexpected: {unexpected}\n  mis-shaped: {misshaped}")
+    with torch.no_grad():
+        for k in expected:
+            target[k].copy_(base[k].to(target[k].dtype))
+    model.decoder.init_cross_from_host()
+    return {"loaded": sorted(expected), "new": sorted(new)}

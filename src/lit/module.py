@@ -1,0 +1,185 @@
+"""LightningModule: trains a VisorLVLM with a fixed layer plan (loss on answer tokens only)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from typing import List, Optional, Sequence, Tuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from src.data.generator import TASKS
+from src.flops import sample_flops
+from src.lit.checkpoint_io import load_base_checkpoint
+from src.metrics import GroupedAccuracy, exact_match
+from src.models.lvlm import VisorLVLM
+
+log = logging.getLogger(__name__)
+
+
+class VisorLitModule(L.LightningModule):
+    """Universal entry point for base training, VISOR conversion and baselines.
+
+    Args:
+        lvlm: the model (class_path/init_args in YAML).
+        base_checkpoint: a shipped base LVLM (safetensors) to convert; new VISOR parts keep their init.
+        freeze_vision: keep the vision encoder frozen (and its norm statistics fixed).
+        new_params_only_steps: for the first N steps train only the parameters the base lacks
+            (cross sublayers, positional conv); then everything not frozen.
+        lr, min_lr_ratio, warmup_steps, weight_decay, betas: AdamW with linear warmup, cosine decay.
+        tasks: task names for per-task validation accuracy.
+    """
+
+    def __init__(
+        self,
+        lvlm: VisorLVLM,
+        base_checkpoint: Optional[str] = None,
+        freeze_vision: bool = False,
+        new_params_only_steps: int = 0,
+        lr: float = 2e-3,
+        min_lr_ratio: float = 0.05,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.05,
+        betas: Tuple[float, float] = (0.9, 0.95),
+        tasks: Sequence[str] = TASKS,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if warmup_steps < 0 or new_params_only_steps < 0:
+            raise ValueError("model.warmup_steps and model.new_params_only_steps must be >= 0")
+        if new_params_only_steps and base_checkpoint is None:
+            raise ValueError("model.new_params_only_steps needs model.base_checkpoint (new relative to what?)")
+        self.save_hyperparameters(ignore=["lvlm"])
+        self.lvlm = lvlm
+        self.new_params: List[str] = []
+        if base_checkpoint is not None:
+            report = load_base_checkpoint(lvlm, base_checkpoint)
+            self.new_params = ["lvlm." + n for n in report["new"]]
+            log.info("loaded base %s: %d tensors; new: %d", base_checkpoint, len(report["loaded"]), len(report["new"]))
+        if freeze_vision:
+            lvlm.vision.requires_grad_(False)
+        self.tasks = list(tasks)
+        self.val_task_acc = GroupedAccuracy(self.tasks)
+        self.val_difficulty_acc = GroupedAccuracy(["easy", "hard"])
+        self.skipped = {"train": Counter(), "val": Counter()}
+        self._step_times: List[float] = []
+        self.pad_id = 0
+
+    # -- modes ----------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.hparams.freeze_vision:
+            self.lvlm.vision.eval()  # frozen encoder: batch-norm statistics stay as trained
+        return self
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        tok = getattr(dm, "tokenizer", None)
+        self.pad_id = tok.pad_id if tok is not None else 0
+        if tok is not None and tok.vocab_size > self.lvlm.decoder.config.vocab_size:
+            raise ValueError(f"model.lvlm.init_args.decoder.vocab_size={self.lvlm.decoder.config.vocab_size} is "
+                             f"smaller than the tokenizer's {tok.vocab_size} tokens")
+        if dm is not None and getattr(dm.hparams, "image_size", None) not in (None, self.lvlm.vision.image_size):
+            raise ValueError(f"data.image_size={dm.hparams.image_size} differs from "
+                             f"model.lvlm.init_args.vision.init_args.image_size={self.lvlm.vision.image_size}")
+
+    def _set_stage(self) -> None:
+        """Stage 1 (new parameters only) for the first `new_params_only_steps` steps, then stage 2."""
+        n = self.hparams.new_params_only_steps
+        if not n:
+            return
+        stage2 = self.global_step >= n
+        new = set(self.new_params)
+        for name, p in self.named_parameters():
+            if name in new or (self.hparams.freeze_vision and name.startswith("lvlm.vision.")):
+                continue
+            p.requires_grad_(stage2)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _loss(self, batch: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits = self.lvlm(batch["images"], batch["input_ids"])  # (B, T, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        return loss, logits
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self.hparams.freeze_vision and self.lvlm.vision.training:
+            self.lvlm.vision.eval()  # Lightning restores per-module modes after validation
+        self._set_stage()
+        self._t0 = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.skipped["train"].update(batch["skipped"])
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["task"]))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        self._step_times.append(time.perf_counter() - self._t0)
+        if len(self._step_times) >= 20:
+            self.log("train/steps_per_sec", len(self._step_times) / sum(self._step_times))
+            self._step_times.clear()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.skipped["val"].update(batch["skipped"])
+        loss, logits = self._loss(batch)
+        correct = exact_match(logits, batch["labels"])
+        self.val_task_acc.update(correct, batch["task"])
+        self.val_difficulty_acc.update(correct, batch["difficulty"])
+        B = len(batch["task"])
+        # Per-sample GFLOPs with each sample's own (unpadded) text length.
+        lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
+        flops = [sample_flops(self.lvlm, t) for t in lengths]
+        self.log("val/loss", loss, batch_size=B)
+        self.log("val/gflops", sum(f.llm for f in flops) / B / 1e9, batch_size=B)
+        self.log("val/gflops_total", sum(f.total for f in flops) / B / 1e9, batch_size=B)
+
+    def on_validation_epoch_end(self) -> None:
+        for name, acc in self.val_task_acc.compute().items():
+            self.log(f"val/acc/{name}" if name != "all" else "val/acc", acc)
+        for name, acc in self.val_difficulty_acc.compute().items():
+            if name != "all":
+                self.log(f"val/acc/{name}", acc)
+        self.val_task_acc.reset()
+        self.val_difficulty_acc.reset()
+        self._report_skipped("val")
+
+    def on_train_epoch_end(self) -> None:
+        self._report_skipped("train")
+
+    def _report_skipped(self, split: str) -> None:
+        counts = self.skipped[split]
+        if counts:
+            for reason, n in counts.items():
+                self.log(f"data/{split}_skipped/{reason}", float(n))
+            log.warning("%s epoch: skipped or altered samples: %s", split, dict(counts))
+        counts.clear()
+
+    # -- optimiser ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        h = self.hparams
+        params = [(n, p) for n, p in self.named_parameters()
+                  if not (h.freeze_vision and n.startswith("lvlm.vision."))]
+        seen, decay, no_decay = set(), [], []
+        for n, p in params:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 and "embed" not in n else no_decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=h.lr, betas=h.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def schedule(step: int) -> float:
+            if step < h.warmup_steps:
+                return (step + 1) / h.warmup_steps
+            progress = min(1.0, (step - h.warmup_steps) / max(1, total - h.warmup_steps))
+            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,48 @@
+"""torchmetrics for VQA answers."""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+from torchmetrics import Metric
+
+
+def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced exact match: every answer token (and <eos>) is the argmax.
+
+    Equivalent to greedy decoding reproducing the answer exactly and stopping.
+    logits (B, T, vocab), labels (B, T) with -100 off the answer -> (B,) bool."""
+    assert logits.shape[:2] == labels.shape, f"logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}"
+    mask = labels != -100
+    hit = (logits.argmax(-1) == labels) | ~mask
+    return hit.all(dim=1) & mask.any(dim=1)
+
+
+class GroupedAccuracy(Metric):
+    """Accuracy per named group (task, difficulty, budget, ...) plus overall."""
+
+    full_state_update = False
+
+    def __init__(self, groups: Sequence[str]) -> None:
+        super().__init__()
+        if len(set(groups)) != len(groups) or not groups:
+            raise ValueError(f"groups must be unique and non-empty, got {list(groups)}")
+        self.groups = list(groups)
+        self.index = {g: i for i, g in enumerate(self.groups)}
+        self.add_state("correct", default=torch.zeros(len(groups)), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(len(groups)), dist_reduce_fx="sum")
+
+    def update(self, correct: torch.Tensor, groups: Sequence[str]) -> None:
+        """correct (B,) bool, groups: B group names."""
+        assert correct.shape == (len(groups),), f"correct {tuple(correct.shape)} vs {len(groups)} groups"
+        unknown = set(groups) - set(self.index)
+        if unknown:
+            raise KeyError(f"unknown groups {sorted(unknown)}; known: {self.groups}")
+        idx = torch.tensor([self.index[g] for g in groups], device=self.correct.device)
+        self.correct.index_add_(0, idx, correct.float())
+        self.total.index_add_(0, idx, torch.ones_like(correct, dtype=torch.float))
+
+    def compute(self) -> Dict[str, torch.Tensor]:
+        out = {g: self.correct[i] / self.total[i] for i, g in enumerate(self.groups) if self.total[i] > 0}
+        out["all"] = self.correct.sum() / self.total.sum().clamp(min=1)
+        return out

@@ -1,0 +1,248 @@
+"""A Llama/Qwen2-family decoder driven by a VISOR LayerPlan, top to bottom in one file.
+
+RMSNorm, RoPE (configurable theta), GQA, SwiGLU, optional qkv bias, optional tied embeddings.
+Sequence layout is the original LVLM's: [visual tokens; text tokens], RoPE positions 0..V-1 for
+the visual tokens and V.. for text in every layer kind, causal mask over the whole sequence.
+
+Per layer kind (see LayerPlan):
+  self  : the ordinary layer over [visual; text]           (visual tokens updated)
+  cross : text += gated cross-attn(text -> visual), then the ordinary layer over text only
+  text  : the ordinary layer over text only                 (visual tokens not read)
+Text tokens are right-padded, so the causal mask alone keeps valid queries off padded keys.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from src.models.cross_attention import CrossAttention
+from src.models.norm import RMSNorm
+from src.models.plan import LayerPlan
+from src.ops.attention import causal_self_attention
+
+# ---------------------------------------------------------------------------------------------
+# Config with named presets (as litgpt's Config.from_name)
+# ---------------------------------------------------------------------------------------------
+
+PRESETS: Dict[str, dict] = {
+    # The embedded default: small enough to train on 2 CPU cores.
+    "tiny": dict(vocab_size=64, n_layers=6, d_model=128, n_heads=4, n_kv_heads=2, intermediate_size=352,
+                 rope_theta=10000.0, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
+    # Shape of Qwen2-0.5B (LLaVA-OneVision-0.5B's LLM), for benchmarks and real checkpoints.
+    "qwen2-0.5b": dict(vocab_size=151936, n_layers=24, d_model=896, n_heads=14, n_kv_heads=2,
+                       intermediate_size=4864, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,
+                       tie_embeddings=True),
+    # Shape of Llama-3.2-1B (its llama3 rope scaling is not implemented: shapes only).
+    "llama-3.2-1b": dict(vocab_size=128256, n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8,
+                         intermediate_size=8192, rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False,
+                         tie_embeddings=True),
+}
+
+
+@dataclass
+class DecoderConfig:
+    """Decoder hyper-parameters. Fields left None take the preset's value."""
+
+    preset: str = "tiny"
+    vocab_size: Optional[int] = None
+    n_layers: Optional[int] = None
+    d_model: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    rope_theta: Optional[float] = None
+    norm_eps: Optional[float] = None
+    qkv_bias: Optional[bool] = None
+    tie_embeddings: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"decoder.preset: unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        for key in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "intermediate_size"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"decoder.{key} must be a positive integer, got {getattr(self, key)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"decoder.d_model={self.d_model} is not divisible by decoder.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"decoder.n_heads={self.n_heads} is not a multiple of decoder.n_kv_heads={self.n_kv_heads}"
+            )
+        if self.rope_theta <= 0:
+            raise ValueError(f"decoder.rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """positions (S,) -> cos, sin (S, hd), half-split layout (as HF Llama/Qwen2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (S, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (S, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, S, hd), cos/sin (S, hd) -> (B, H, S, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# The ordinary decoder layer
+# ---------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: DecoderConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, S, d), cos/sin (S, hd) -> (B, S, d); causal."""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = causal_self_attention(q, k, v)  # (B, H, S, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, c: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.d_model, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.d_model, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, d) -> (B, S, d)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: DecoderConfig) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.attn = SelfAttention(c)
+        self.post_attn_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.mlp = SwiGLU(c)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, S, d) -> (B, S, d)."""
+        x = x + self.attn(self.input_norm(x), cos, sin)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig, plan: LayerPlan, cross_init: str = "host") -> None:
+        super().__init__()
+        if plan.n_layers != config.n_layers:
+            raise ValueError(f"plan.n_layers={plan.n_layers} differs from decoder.n_layers={config.n_layers}")
+        if cross_init not in ("host", "random"):
+            raise ValueError(f"cross_init must be 'host' or 'random', got {cross_init!r}")
+        self.config, self.plan = config, plan
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_layers))
+        # Cross sublayers exist only at `cross` layers; keyed by layer index.
+        self.cross = nn.ModuleDict(
+            {str(i): CrossAttention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.qkv_bias, c.norm_eps)
+             for i in plan.cross_layers}
+        )
+        self.norm = RMSNorm(c.d_model, c.norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.cross_init = cross_init
+        self.init_cross_from_host()
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def init_cross_from_host(self) -> None:
+        """Copy each host layer's attention into its cross sublayer (no-op for cross_init='random').
+
+        Call again after loading base weights into the host layers."""
+        if self.cross_init != "host":
+            return
+        for key, cross in self.cross.items():
+            host = self.layers[int(key)]
+            cross.init_from_host(host.attn, host.input_norm)
+
+    def forward(
+        self,
+        visual: torch.Tensor,
+        text: torch.Tensor,
+        visual_kv_lens: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Run the plan.
+
+        visual (B, V, d): projected visual tokens; text (B, T, d): embedded text tokens;
+        visual_kv_lens (B,) or None: valid visual tokens per sample (cross layers only).
+        Returns (text hidden states after the final norm (B, T, d), visual hidden states (B, V, d)).
+        """
+        assert visual.dim() == 3 and text.dim() == 3, "visual (B, V, d) and text (B, T, d) expected"
+        assert visual.shape[0] == text.shape[0] and visual.shape[2] == text.shape[2] == self.config.d_model
+        if visual_kv_lens is not None and "self" in self.plan.kinds:
+            raise NotImplementedError("per-sample visual lengths are supported by cross layers only")
+        V, T = visual.shape[1], text.shape[1]
+        hd, theta = self.config.head_dim, self.config.rope_theta
+        positions = torch.arange(V + T, device=text.device)
+        cos, sin = rope_cos_sin(positions, hd, theta, text.dtype)  # (V+T, hd)
+        cos_t, sin_t = cos[V:], sin[V:]  # text keeps positions V.. in every layer kind
+        for i, (kind, layer) in enumerate(zip(self.plan.kinds, self.layers)):
+            if kind == "self":
+                x = layer(torch.cat([visual, text], dim=1), cos, sin)  # (B, V+T, d)
+                visual, text = x[:, :V], x[:, V:]
+            else:
+                if kind == "cross":
+                    text = self.cross[str(i)](text, visual, visual_kv_lens)  # (B, T, d)
+                text = layer(text, cos_t, sin_t)  # (B, T, d)
+        return self.norm(text), visual
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The unmodified LLM over one sequence: x (B, S, d) -> final hidden states (B, S, d).
+
+        The reference for the all-self plan (positions 0..S-1, causal, every layer)."""
+        cos, sin = rope_cos_sin(torch.arange(x.shape[1], device=x.device), self.config.head_dim,
+                                self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def new_parameter_prefixes(self) -> List[str]:
+        """Names (relative to the decoder) of the modules VISOR adds to a base LLM."""
+        return ["cross."]

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from src.lit.checkpoint_io import CheckpointMismatch, export_checkpoint, load_base_checkpoint
+from src.models.lvlm import VisorLVLM
+from src.models.plan import LayerPlan
+from src.models.vision import VisionEncoder
+
+
+def _model(cfg, plan, pos_conv):
+    return VisorLVLM(VisionEncoder("test_byobnet", 2, 64), cfg, plan, pos_conv=pos_conv)
+
+
+def test_base_to_visor_conversion_loads_every_tensor(tmp_path, tiny_decoder_config):
+    torch.manual_seed(0)
+    base = _model(tiny_decoder_config, LayerPlan(4, all_self=True), pos_conv=False)
+    out = export_checkpoint(base, tmp_path / "base", {"note": "test"})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["architecture"]["plan"] == ["self"] * 4 and manifest["note"] == "test"
+    assert all(v.dtype == torch.float16 for k, v in load_file(str(out / "model.safetensors")).items()
+               if v.is_floating_point())
+    visor = _model(tiny_decoder_config, LayerPlan(4, self_layers=[0], cross_layers=[1, 3]), pos_conv=True)
+    report = load_base_checkpoint(visor, out)
+    assert set(report["new"]) == set(visor.new_parameter_names())
+    assert any(n.startswith("pos_conv.") for n in report["new"]) and any(".cross." in n for n in report["new"])
+    base_half = base.decoder.layers[1].attn.q_proj.weight.half().float()
+    assert torch.equal(visor.decoder.layers[1].attn.q_proj.weight, base_half)
+    assert torch.equal(visor.decoder.cross["1"].q_proj.weight, base_half)  # re-copied from the loaded host
+    # With gates at zero and the pos conv at identity, the converted model's S-layer output matches
+    # the base's (up to fp16 rounding of the weights).
+    images, ids = torch.rand(2, 3, 64, 64), torch.randint(0, 40, (2, 5))
+    base.load_state_dict({k: v.half().float() for k, v in base.state_dict().items()})
+    base.eval(), visor.eval()
+    with torch.no_grad():
+        assert torch.allclose(base.encode_images(images), visor.encode_images(images))
+
+
+def test_mismatches_are_listed(tmp_path, tiny_decoder_config):
+    base = _model(tiny_decoder_config, LayerPlan(4, all_self=True), pos_conv=False)
+    out = export_checkpoint(base, tmp_path / "base", {})
+    state = load_file(str(out / "model.safetensors"))
+    visor = _model(tiny_decoder_config, LayerPlan(4, self_layers=[0], cross_layers=[1]), pos_conv=True)
+    missing = dict(state)
+    del missing["decoder.layers.2.mlp.up_proj.weight"]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointMismatch, match=r"missing: \['decoder.layers.2.mlp.up_proj.weight'\]"):
+        load_base_checkpoint(visor, tmp_path / "missing.safetensors")
+    bad = dict(state)
+    bad["decoder.norm.weight"] = torch.ones(7, dtype=torch.float16)
+    bad["extra.weight"] = torch.ones(1)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointMismatch, match=r"unexpected: \['extra.weight'\][\s\S]*decoder.norm.weight"):
+        load_base_checkpoint(visor, tmp_path / "bad.safetensors")

@@ -1,0 +1,89 @@
+"""The CLI end to end on tiny generated data (fast_dev_run), from the real YAML configs."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.cli import main
+from src.lit.checkpoint_io import export_checkpoint
+from src.models.decoder import DecoderConfig
+from src.models.lvlm import VisorLVLM
+from src.models.plan import LayerPlan
+from src.models.vision import VisionEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ["--data.train_images", "40", "--data.val_images", "8", "--data.images_per_shard", "20",
+        "--data.num_workers", "0", "--data.batch_size", "4", "--data.val_batch_size", "8"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _fit(config, *extra):
+    cli = main(["fit", "--config", str(ROOT / config), *extra.__iter__(), "--trainer.fast_dev_run", "2", *DATA])
+    return cli
+
+
+@pytest.fixture
+def base_export(workdir):
+    """A random base LVLM with the shipped architecture, exported like configs/base.yaml does."""
+    torch.manual_seed(0)
+    base = VisorLVLM(VisionEncoder("lcnet_075", 2, 128), DecoderConfig(preset="tiny"), LayerPlan(6, all_self=True),
+                     pos_conv=False)
+    return str(export_checkpoint(base, workdir / "base", {}))
+
+
+def test_base_config_trains_and_exports(workdir):
+    cli = _fit("configs/base.yaml")
+    assert cli.trainer.global_step == 2
+    assert (workdir / "outputs/base/export/model.safetensors").exists()
+    assert (workdir / "data/default/tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("configs", [["configs/visor.yaml"], ["configs/full.yaml"],
+                                     ["configs/full.yaml", "configs/token_reduction/pool2.yaml"]])
+def test_conversion_configs_train(workdir, base_export, configs):
+    extra = []
+    for c in configs[1:]:
+        extra += ["--config", str(ROOT / c)]
+    from safetensors.torch import load_file
+    shipped = load_file(base_export + "/model.safetensors")
+    cli = _fit(configs[0], *extra, "--model.base_checkpoint", base_export, "--model.new_params_only_steps", "1")
+    module = cli.model
+    assert cli.trainer.global_step == 2
+    assert not any(p.requires_grad for p in module.lvlm.vision.parameters())
+    vision = {k: v for k, v in module.lvlm.state_dict().items() if k.startswith("vision.")}
+    assert vision and all(torch.equal(v.half(), shipped[k]) if v.is_floating_point() else torch.equal(v, shipped[k])
+                          for k, v in vision.items())  # weights and batch-norm statistics untouched
+    # the non-vision base weights did train in stage 2
+    assert not torch.equal(module.lvlm.decoder.layers[2].mlp.up_proj.weight.half(),
+                           shipped["decoder.layers.2.mlp.up_proj.weight"])
+    if "token_reduction/pool2.yaml" in configs:
+        assert module.lvlm.num_visual_tokens == 64
+    metrics = cli.trainer.callback_metrics
+    assert "val/acc/hard" in metrics and "val/gflops" in metrics
+
+
+def test_visor_is_cheaper_than_full(workdir, base_export):
+    gflops = {}
+    for name in ("visor", "full"):
+        cli = _fit(f"configs/{name}.yaml", "--model.base_checkpoint", base_export)
+        gflops[name] = float(cli.trainer.callback_metrics["val/gflops"])
+    assert gflops["full"] / gflops["visor"] > 4.0, gflops
+
+
+@pytest.mark.parametrize("arg, value, field", [
+    ("--model.lvlm.init_args.plan.self_layers", "[9]", "self_layers"),
+    ("--model.lvlm.init_args.plan.cross_layers", "[0]", "two kinds"),
+    ("--model.lvlm.init_args.decoder.n_kv_heads", "3", "n_kv_heads"),
+    ("--model.lr", "-1", "lr"),
+    ("--data.overlength", "drop", "overlength"),
+])
+def test_bad_config_fields_are_named(workdir, base_export, capsys, arg, value, field):
+    with pytest.raises((SystemExit, ValueError)) as info:
+        _fit("configs/visor.yaml", arg, value, "--model.base_checkpoint", base_export)
+    text = str(info.value) + capsys.readouterr().err
+    assert field in text, text[-2000:]

@@ -1,0 +1,101 @@
+import io
+import json
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from src.data.generator import vocabulary
+from src.data.shards import (QAExpander, SampleError, ShardError, collate, qa_dataset, write_generated_split)
+from src.data.tokenizer import WordTokenizer
+
+TOK = WordTokenizer(vocabulary())
+
+
+def _png():
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _qa(question="what color is the background ?", answer="white"):
+    return {"question": question, "answer": answer, "task": "background", "difficulty": "easy"}
+
+
+def _write(path, samples):
+    with wds.TarWriter(str(path)) as sink:
+        for s in samples:
+            sink.write(s)
+    return str(path)
+
+
+def _read(urls, **kw):
+    kw.setdefault("max_text_len", 24)
+    return list(qa_dataset(urls, QAExpander(TOK, 32, **kw)))
+
+
+@pytest.fixture
+def bad_shard(tmp_path):
+    good = json.dumps({"qa": [_qa(), _qa("how many red circles are there ?", "2")]}).encode()
+    return _write(tmp_path / "bad-00000.tar", [
+        {"__key__": "good", "png": _png(), "json": good},
+        {"__key__": "badimg", "png": b"not a png at all", "json": json.dumps(_qa()).encode()},
+        {"__key__": "nofield", "png": _png(), "json": json.dumps({"question": "q ?", "answer": "a"}).encode()},
+        {"__key__": "latin1", "png": _png(), "json": '{"question": "caf\u00e9"}'.encode("latin-1")},
+        {"__key__": "empty", "png": _png(), "json": json.dumps(_qa(question="   ")).encode()},
+        {"__key__": "good2", "png": _png(), "json": json.dumps(_qa()).encode()},
+    ])
+
+
+def test_bad_samples_are_skipped_and_counted(bad_shard):
+    out = _read([bad_shard])
+    assert [s["key"] for s in out] == ["good", "good", "good2"]
+    skipped = collate(out, TOK.pad_id)["skipped"]
+    assert skipped == {"bad_image": 1, "missing_field": 1, "non_utf8": 1, "empty_question": 1}
+
+
+@pytest.mark.parametrize("key", ["badimg", "nofield", "latin1", "empty"])
+def test_strict_raises_naming_shard_and_key(tmp_path, bad_shard, key):
+    data = {s["__key__"]: s for s in wds.WebDataset(bad_shard, shardshuffle=False, empty_check=False)}
+    single = _write(tmp_path / f"{key}.tar", [{"__key__": key, "png": data[key]["png"], "json": data[key]["json"]}])
+    with pytest.raises(SampleError, match=rf"{key}\.tar.*key {key}"):
+        _read([single], strict=True)
+
+
+def test_truncated_tar_raises_naming_the_shard(tmp_path):
+    (path,) = write_generated_split(tmp_path, "train", 20, seed=0, images_per_shard=20)
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut-00000.tar"
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(ShardError, match="cut-00000.tar"):
+        _read([str(cut)])
+
+
+def test_overlong_samples_truncate_or_skip(tmp_path):
+    long_q = "where is the green circle relative to the orange square ?"  # 11 words
+    path = _write(tmp_path / "long-00000.tar", [{"__key__": "k", "png": _png(), "json": json.dumps(_qa(long_q)).encode()}])
+    (s,) = _read([path], max_text_len=8)
+    assert len(s["input_ids"]) == 8 and s["skipped"] == {"truncated": 1}
+    assert s["labels"].tolist().count(-100) == 6  # answer + eos still supervised
+    assert _read([path], max_text_len=8, overlength="skip") == []
+
+
+def test_generated_shards_roundtrip_and_collate(tmp_path):
+    urls = write_generated_split(tmp_path, "val", 10, seed=5, images_per_shard=4)
+    assert len(urls) == 3
+    samples = _read(urls)
+    assert len(samples) >= 50  # 5-6 questions per image
+    batch = collate(samples[:8], TOK.pad_id)
+    assert batch["images"].shape == (8, 3, 32, 32)
+    T = batch["input_ids"].shape[1]
+    assert batch["labels"].shape == (8, T)
+    for s, ids in zip(samples[:8], batch["input_ids"]):
+        answer = [t for t in s["labels"].tolist() if t != -100]
+        assert answer[-1] == TOK.eos_id and len(answer) >= 2  # the answer, then <eos>
+        assert ids[: len(s["input_ids"])].tolist() == s["input_ids"].tolist()
+
+
+def test_missing_shards_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.tar"):
+        _read([str(tmp_path / "nope.tar")])

@@ -1,0 +1,56 @@
+import numpy as np
+
+from src.data.generator import (BACKGROUNDS, MEDIUM_COLORS, SMALL_COLORS, SceneGenerator, relation, vocabulary)
+from src.data.tokenizer import WordTokenizer
+
+
+def test_generator_is_deterministic_for_a_seed():
+    a, b, c = SceneGenerator(seed=3), SceneGenerator(seed=3), SceneGenerator(seed=4)
+    ia, sa, qa = a.generate(17)
+    ib, sb, qb = b.generate(17)
+    assert ia.tobytes() == ib.tobytes() and sa == sb and qa == qb
+    assert c.generate(17)[0].tobytes() != ia.tobytes()
+
+
+def _pixel(image, box):
+    x, y = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
+    return tuple(np.asarray(image)[y, x])
+
+
+def test_labels_match_the_drawn_scene():
+    gen = SceneGenerator(seed=0)
+    tok = WordTokenizer(vocabulary())
+    for i in range(40):
+        image, scene, qas = gen.generate(i)
+        for obj in scene["small"]:  # every counted object is really drawn where the scene says
+            assert _pixel(image, obj["box"]) == SMALL_COLORS[obj["color"]]
+        for qa in qas:
+            assert tok.unk_id not in tok.encode(qa["question"]) + tok.encode(qa["answer"])
+            if qa["task"] == "count":
+                color, shape = qa["question"].split()[2], qa["question"].split()[3][:-1]
+                drawn = [o for o in scene["small"] if o["color"] == color and o["shape"] == shape]
+                assert qa["answer"] == str(len(drawn))
+            elif qa["task"] == "read":
+                assert qa["answer"].replace(" ", "") == scene["text_box"]["text"]
+            elif qa["task"] == "background":
+                assert qa["answer"] == scene["background"]
+                occupied = [scene["text_box"]["box"]] + [o["box"] for o in scene["small"]]
+                occupied += [scene["large"]["box"]] if scene["large"] else []
+                occupied += [scene["medium"][k]["box"] for k in "ab"] if scene["medium"] else []
+                free = next((x, y) for y in range(128) for x in range(128) if not any(
+                    b[0] - 2 <= x < b[2] + 2 and b[1] - 2 <= y < b[3] + 2 for b in occupied))
+                assert tuple(np.asarray(image)[free[1], free[0]]) == BACKGROUNDS[scene["background"]]
+            elif qa["task"] == "spatial":
+                pair = scene["medium"]
+                assert qa["answer"] == relation(pair["a"]["box"], pair["b"]["box"]) == pair["relation"]
+                assert _pixel(image, pair["a"]["box"]) == MEDIUM_COLORS[pair["a"]["color"]]
+            elif qa["task"] == "large":
+                asked = qa["question"].split()[4]
+                present = scene["large"] is not None and scene["large"]["shape"] == asked
+                assert qa["answer"] == ("yes" if present else "no")
+
+
+def test_count_answers_cover_the_range():
+    gen = SceneGenerator(seed=1)
+    answers = {qa["answer"] for i in range(60) for qa in gen.generate(i)[2] if qa["task"] == "count"}
+    assert answers == {"0", "1", "2", "3"}
