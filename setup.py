@@ -39,6 +39,18 @@ def find_cuda_home():
     return None
 
 
+def nvidia_wheel_includes():
+    """Header folders of PyPI's nvidia-* wheels (installed with torch's CUDA build). A toolkit may
+    lack the library headers torch's CUDA headers include (cusparse.h, cublas_v2.h, ...). They are
+    searched *after* the toolkit's own (-idirafter): the wheels also carry runtime headers of
+    their own CUDA version, which must not shadow the toolkit's."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    return sorted({str(Path(d)) for root in roots for d in glob.glob(os.path.join(root, "*", "include"))})
+
+
 def extensions():
     import torch
     from torch.utils import cpp_extension
@@ -56,7 +68,9 @@ def extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             sys.exit("error: no GPU visible: set TORCH_CUDA_ARCH_LIST (for example '8.0;9.0') for a forced CUDA build")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
+        after = nvidia_wheel_includes()
+        extra["cxx"] += [f for d in after for f in ("-idirafter", d)]
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"] + [f"-Xcompiler=-idirafter,{d}" for d in after]
         return [cpp_extension.CUDAExtension("src._C", sources, extra_compile_args=extra)], cpp_extension
     return [cpp_extension.CppExtension("src._C", sources, extra_compile_args=extra)], cpp_extension
 

@@ -99,3 +99,34 @@ def test_generated_shards_roundtrip_and_collate(tmp_path):
 def test_missing_shards_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.tar"):
         _read([str(tmp_path / "nope.tar")])
+
+
+def test_skipped_samples_are_reported_at_epoch_end(tmp_path, bad_shard, caplog):
+    import shutil
+
+    import lightning as L
+
+    from src.data.datamodule import VQADataModule
+    from src.lit.module import VisorLitModule
+    from src.models.decoder import DecoderConfig
+    from src.models.lvlm import VisorLVLM
+    from src.models.plan import LayerPlan
+    from src.models.vision import VisionEncoder
+
+    root = tmp_path / "root"
+    root.mkdir()
+    for split in ("train", "val"):
+        shutil.copy(bad_shard, root / f"{split}-00000.tar")
+    TOK.save(root / "tokenizer.json")
+    dm = VQADataModule(root=str(root), generate=False, image_size=32, batch_size=2, val_batch_size=2,
+                       num_workers=0, shuffle_buffer=0)
+    lvlm = VisorLVLM(VisionEncoder("test_byobnet", 2, 32), DecoderConfig(n_layers=2, d_model=32, n_heads=2,
+                     n_kv_heads=1, intermediate_size=32), LayerPlan(2, all_self=True), pos_conv=False)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with caplog.at_level("WARNING"):
+        trainer.fit(VisorLitModule(lvlm), datamodule=dm)
+    m = trainer.callback_metrics
+    for split in ("train", "val"):
+        assert float(m[f"data/{split}_skipped/bad_image"]) == 1.0
+        assert float(m[f"data/{split}_skipped/non_utf8"]) == 1.0
+    assert "skipped or altered samples" in caplog.text and "empty_question" in caplog.text

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../scatter_add_rows.h"
+
 namespace visor {
 
 template <typename scalar_t>
@@ -17,17 +19,15 @@ __global__ void scatter_add_rows_kernel(scalar_t* __restrict__ out, const scalar
 }
 
 at::Tensor scatter_add_rows_cuda(const at::Tensor& x, const at::Tensor& index, const at::Tensor& delta) {
-  TORCH_CHECK(x.dim() == 2 && delta.dim() == 2, "scatter_add_rows: x (N, D) and delta (K, D) expected");
-  TORCH_CHECK(index.dim() == 1 && index.size(0) == delta.size(0), "scatter_add_rows: index must be (K,)");
-  TORCH_CHECK(x.size(1) == delta.size(1), "scatter_add_rows: x and delta differ in D");
-  TORCH_CHECK(index.scalar_type() == at::kLong, "scatter_add_rows: index must be int64");
-  TORCH_CHECK(x.scalar_type() == delta.scalar_type(), "scatter_add_rows: x and delta dtypes differ");
+  check_scatter_add_rows_inputs(x, index, delta);
   c10::cuda::CUDAGuard guard(x.device());
   auto out = x.contiguous().clone();
   auto d = delta.contiguous();
   auto idx = index.contiguous();
   const int64_t K = d.size(0), D = x.size(1);
   if (K * D == 0) return out;
+  TORCH_CHECK(((idx >= 0) & (idx < x.size(0))).all().item<bool>(), "scatter_add_rows: index out of range [0, ",
+              x.size(0), ")");  // one sync: an out-of-range row would write outside `out`
   const int threads = 256;
   const int64_t blocks = (K * D + threads - 1) / threads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_add_rows_cuda", [&] {

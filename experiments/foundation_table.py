@@ -1,0 +1,105 @@
+"""The foundation comparison: VISOR, full, and full with 2x2-pooled visual tokens, every row
+fine-tuned from the shipped base with the same recipe, run one after the other on this machine.
+
+    python experiments/foundation_table.py [--steps N] [--only visor,full,full_pool2] [--table-only]
+
+Each row is a LightningCLI fit with its own TensorBoard run under outputs/table/<row>; a row
+whose run finished is not rerun. Writes experiments/results/foundation.md and .csv with
+accuracy per task and difficulty (final validation), LLM GFLOPs per sample, train steps/s.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.tb_scalars import latest_scalars  # noqa: E402
+from src.data.generator import TASKS  # noqa: E402
+
+ROWS = {
+    "visor": ["--config", "configs/visor.yaml"],
+    "full": ["--config", "configs/full.yaml"],
+    "full_pool2": ["--config", "configs/full.yaml", "--config", "configs/token_reduction/pool2.yaml"],
+}
+
+
+def run_row(name: str, steps: int | None, python: str) -> Path:
+    logdir = ROOT / "outputs" / "table" / name / "run"
+    done = logdir / "DONE"
+    if done.exists():
+        print(f"[{name}] finished earlier: {logdir}")
+        return logdir
+    cmd = [python, "-m", "src.cli", "fit", *ROWS[name],
+           "--trainer.logger.init_args.save_dir", "outputs/table", "--trainer.logger.init_args.name", name,
+           "--trainer.logger.init_args.version", "run"]
+    if steps:
+        cmd += ["--trainer.max_steps", str(steps)]
+    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    done.write_text("ok\n")
+    return logdir
+
+
+def row_metrics(logdir: Path) -> dict:
+    s = latest_scalars(str(logdir))
+    val = {k: v.value for k, v in s.items()}
+    out = {f"acc/{t}": val.get(f"val/acc/{t}") for t in TASKS}
+    out.update({"acc/easy": val.get("val/acc/easy"), "acc/hard": val.get("val/acc/hard"),
+                "llm_gflops": val.get("val/gflops"), "steps_per_sec": val.get("train/steps_per_sec"),
+                "step": max(v.step for v in s.values())})
+    return out
+
+
+def write_table(results: dict, out_dir: Path) -> str:
+    cols = [f"acc/{t}" for t in TASKS] + ["acc/easy", "acc/hard", "llm_gflops", "savings", "steps_per_sec", "step"]
+    full = results.get("full", {}).get("llm_gflops")
+    lines = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "foundation.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row"] + cols)
+        for name, m in results.items():
+            m = dict(m, savings=(full / m["llm_gflops"]) if full and m.get("llm_gflops") else None)
+            cells = []
+            for c in cols:
+                v = m.get(c)
+                cells.append("-" if v is None else (f"{100 * v:.1f}" if c.startswith("acc/") else
+                                                    f"{v:.3f}" if isinstance(v, float) else str(v)))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            w.writerow([name] + [m.get(c) for c in cols])
+    header = (f"Machine: {platform.node()} ({platform.processor() or platform.machine()}), CPU only. "
+              "Accuracy in %, exact match on the validation split; LLM GFLOPs per sample (analytical); "
+              "savings = full / row LLM GFLOPs; steps/s over the last 20 training steps.\n\n")
+    text = header + "\n".join(lines) + "\n"
+    (out_dir / "foundation.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps for every row")
+    ap.add_argument("--only", default=",".join(ROWS), help="comma-separated rows")
+    ap.add_argument("--table-only", action="store_true", help="only (re)write the table from finished runs")
+    args = ap.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    unknown = set(names) - set(ROWS)
+    if unknown:
+        sys.exit(f"--only: unknown rows {sorted(unknown)}; known: {list(ROWS)}")
+    results = {}
+    for name in names:
+        logdir = ROOT / "outputs" / "table" / name / "run"
+        if not args.table_only:
+            run_row(name, args.steps, sys.executable)
+        if logdir.exists():
+            results[name] = row_metrics(logdir)
+    print(write_table(results, ROOT / "experiments" / "results"))
+
+
+if __name__ == "__main__":
+    main()
