@@ -31,7 +31,7 @@ def _fit(config, *extra):
 def base_export(workdir):
     """A random base LVLM with the shipped architecture, exported like configs/base.yaml does."""
     torch.manual_seed(0)
-    base = VisorLVLM(VisionEncoder("lcnet_075", 2, 128), DecoderConfig(preset="tiny"), LayerPlan(6, all_self=True),
+    base = VisorLVLM(VisionEncoder("lcnet_075", 2, 128, pos_embed=True), DecoderConfig(preset="tiny"), LayerPlan(6, all_self=True),
                      pos_conv=False)
     return str(export_checkpoint(base, workdir / "base", {}))
 

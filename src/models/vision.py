@@ -14,6 +14,10 @@ class VisionEncoder(nn.Module):
     Works for CNNs and ViTs alike (timm returns NCHW maps for both, without CLS/prefix
     tokens). Input images are in [0, 1]; the encoder normalises with its own mean/std.
     Random init by default; `checkpoint_path` loads local weights (no hub download).
+    `pos_embed` adds a learned absolute position embedding to the output tokens, as a ViT
+    (SigLIP, CLIP) has: a CNN's tokens otherwise say *what* is at a place but not *where*, and
+    text reading them through attention learns nothing about position (spatial relations,
+    the order of digits).
 
     images (B, 3, H, W) -> tokens (B, V, C) with V = h * w of the feature map.
     """
@@ -26,6 +30,7 @@ class VisionEncoder(nn.Module):
         checkpoint_path: Optional[str] = None,
         mean: Tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: Tuple[float, float, float] = (0.5, 0.5, 0.5),
+        pos_embed: bool = False,
     ) -> None:
         super().__init__()
         if name not in timm.list_models():
@@ -49,6 +54,10 @@ class VisionEncoder(nn.Module):
             fmap = self.backbone(torch.zeros(1, 3, image_size, image_size))[-1]
             self.backbone.train(was_training)
         self.grid: Tuple[int, int] = (fmap.shape[2], fmap.shape[3])
+        self.pos_embed = None
+        if pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, self.out_dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     @property
     def num_tokens(self) -> int:
@@ -59,4 +68,5 @@ class VisionEncoder(nn.Module):
         assert images.shape[-2:] == (self.image_size, self.image_size), (
             f"images must be {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}")
         fmap = self.backbone((images - self.mean) / self.std)[-1]  # (B, C, h, w)
-        return fmap.flatten(2).transpose(1, 2)  # (B, V, C)
+        tokens = fmap.flatten(2).transpose(1, 2)  # (B, V, C)
+        return tokens if self.pos_embed is None else tokens + self.pos_embed

@@ -1,0 +1,86 @@
+"""LightningDataModule for webdataset QA shards; generates the embedded default on first use."""
+from __future__ import annotations
+
+import functools
+import glob
+from pathlib import Path
+from typing import List, Optional
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from src.data.shards import QAExpander, collate, ensure_default_dataset, qa_dataset
+from src.data.tokenizer import WordTokenizer
+
+
+class VQADataModule(L.LightningDataModule):
+    """Shards `root/train-*.tar`, `root/val-*.tar` and `root/tokenizer.json`.
+
+    With `generate: true` (the embedded default) missing shards are generated from `seed`.
+    Images come out as floats in [0, 1], (B, 3, image_size, image_size)."""
+
+    def __init__(
+        self,
+        root: str = "data/default",
+        generate: bool = True,
+        train_images: int = 20000,
+        val_images: int = 500,
+        images_per_shard: int = 1000,
+        seed: int = 0,
+        image_size: int = 128,
+        batch_size: int = 32,
+        val_batch_size: int = 64,
+        num_workers: int = 1,
+        max_text_len: int = 24,
+        overlength: str = "truncate",
+        strict: bool = False,
+        shuffle_buffer: int = 2000,
+    ) -> None:
+        super().__init__()
+        positive = dict(train_images=train_images, val_images=val_images, images_per_shard=images_per_shard,
+                        image_size=image_size, batch_size=batch_size, val_batch_size=val_batch_size)
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.expander = QAExpander(WordTokenizer([]), image_size, max_text_len, overlength, strict)  # validates
+        self.tokenizer: Optional[WordTokenizer] = None
+
+    def prepare_data(self) -> None:
+        h = self.hparams
+        if h.generate:
+            ensure_default_dataset(self.root, h.train_images, h.val_images, h.seed, h.images_per_shard)
+        elif not (self.root / "tokenizer.json").exists():
+            raise FileNotFoundError(f"data.root={self.root} has no tokenizer.json (and data.generate is false)")
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        h = self.hparams
+        self.tokenizer = WordTokenizer.load(self.root / "tokenizer.json")
+        self.expander = QAExpander(self.tokenizer, h.image_size, h.max_text_len, h.overlength, h.strict)
+
+    def shards(self, split: str) -> List[str]:
+        urls = sorted(glob.glob(str(self.root / f"{split}-*.tar")))
+        if not urls:
+            raise FileNotFoundError(f"no {split} shards under data.root={self.root}")
+        return urls
+
+    def _loader(self, split: str, batch_size: int, shuffle: int) -> DataLoader:
+        assert self.tokenizer is not None, "call setup() first"
+        ds = qa_dataset(self.shards(split), self.expander, shuffle=shuffle, seed=self.hparams.seed)
+        return DataLoader(ds, batch_size=batch_size, num_workers=self.hparams.num_workers,
+                          collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_id),
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.batch_size, self.hparams.shuffle_buffer)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.hparams.val_batch_size, 0)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,208 @@
+"""Webdataset shards: writing the generated data set, and reading any shard set robustly.
+
+A sample is `<key>.png` + `<key>.json`; the JSON holds either one QA (`question`, `answer`,
+`task`, `difficulty`) or a list of them under `qa` (several questions about one image).
+Bad samples are skipped and counted by reason (or raise naming shard and key with
+`strict=True`); a truncated or corrupt tar raises `ShardError` naming the shard.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
+
+from src.data.generator import GeneratorConfig, SceneGenerator, vocabulary
+from src.data.tokenizer import WordTokenizer
+
+QA_FIELDS = ("question", "answer", "task", "difficulty")
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read (truncated, corrupt)."""
+
+
+class SampleError(ValueError):
+    """A bad sample under strict=True; names shard and key."""
+
+
+def write_generated_split(root: str | Path, split: str, n_images: int, seed: int, images_per_shard: int = 1000,
+                          config: Optional[GeneratorConfig] = None) -> List[str]:
+    """Generate `n_images` scenes with `seed` into `root/split-%05d.tar`. Returns the shard paths.
+
+    Writes to a temporary name and renames, so an interrupted run never leaves a half shard."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    gen = SceneGenerator(seed, config)
+    paths = []
+    n_shards = (n_images + images_per_shard - 1) // images_per_shard
+    with tqdm(total=n_images, desc=f"generating {split}", unit="img") as bar:
+        for s in range(n_shards):
+            path = root / f"{split}-{s:05d}.tar"
+            paths.append(str(path))
+            lo, hi = s * images_per_shard, min(n_images, (s + 1) * images_per_shard)
+            if path.exists():
+                bar.update(hi - lo)
+                continue
+            tmp = path.with_suffix(".tar.tmp")
+            with wds.TarWriter(str(tmp)) as sink:
+                for i in range(lo, hi):
+                    image, scene, qa = gen.generate(i)
+                    buf = io.BytesIO()
+                    image.save(buf, format="PNG")
+                    meta = {"qa": qa, "scene": scene, "seed": seed, "index": i}
+                    sink.write({"__key__": f"{split}{i:07d}", "png": buf.getvalue(), "json": json.dumps(meta).encode()})
+                    bar.update(1)
+            os.replace(tmp, path)
+    return paths
+
+
+def ensure_default_dataset(root: str | Path, train_images: int, val_images: int, seed: int,
+                           images_per_shard: int = 1000) -> None:
+    """Generate the embedded default (train, val, tokenizer.json) where missing."""
+    root = Path(root)
+    write_generated_split(root, "train", train_images, seed, images_per_shard)
+    write_generated_split(root, "val", val_images, seed + 1_000_000, images_per_shard)
+    WordTokenizer(vocabulary()).save(root / "tokenizer.json")
+
+
+def _tar_error(exn: Exception) -> bool:
+    """webdataset handler: a broken tar is fatal and names its shard."""
+    if isinstance(exn, ShardError):
+        raise exn
+    text = " ".join(str(a) for a in exn.args)
+    found = re.search(r"name='([^']+)'", text) or re.search(r"(\S+\.tar)\b", text)
+    url = found.group(1) if found else "<unknown shard>"
+    reason = str(exn.args[0]).split(" @ ")[0] if exn.args else type(exn).__name__
+    raise ShardError(f"cannot read shard {url}: {type(exn).__name__}: {reason}") from exn
+
+
+class QAExpander:
+    """Decodes raw webdataset samples into (image, QA) samples; bad ones are skipped and counted.
+
+    Each yielded sample carries `skipped`: the reasons counted since the previous yield, so
+    counts travel with the batches across DataLoader workers and none are lost."""
+
+    def __init__(self, tokenizer: WordTokenizer, image_size: int, max_text_len: int,
+                 overlength: str = "truncate", strict: bool = False) -> None:
+        if overlength not in ("truncate", "skip"):
+            raise ValueError(f"data.overlength must be 'truncate' or 'skip', got {overlength!r}")
+        if max_text_len < 4:
+            raise ValueError(f"data.max_text_len must be >= 4, got {max_text_len}")
+        self.tok, self.image_size, self.max_text_len = tokenizer, image_size, max_text_len
+        self.overlength, self.strict = overlength, strict
+
+    def _bad(self, counts: Counter, reason: str, sample: dict) -> None:
+        if self.strict:
+            raise SampleError(f"{reason} in shard {sample.get('__url__')} key {sample.get('__key__')}")
+        counts[reason] += 1
+
+    def __call__(self, source: Iterator[dict]) -> Iterator[dict]:
+        counts: Counter = Counter()
+        for raw in source:
+            try:
+                meta = json.loads(raw["json"].decode("utf-8"))
+            except KeyError:
+                self._bad(counts, "missing_json", raw)
+                continue
+            except UnicodeDecodeError:
+                self._bad(counts, "non_utf8", raw)
+                continue
+            except json.JSONDecodeError:
+                self._bad(counts, "bad_json", raw)
+                continue
+            qas = meta.get("qa", [meta]) if isinstance(meta, dict) else None
+            if not isinstance(qas, list):
+                self._bad(counts, "bad_json", raw)
+                continue
+            image = self._decode_image(raw, counts)
+            if image is None:
+                continue
+            for qa in qas:
+                sample = self._encode_qa(qa, raw, counts)
+                if sample is None:
+                    continue
+                sample["image"] = image
+                sample["skipped"] = dict(counts)
+                counts.clear()
+                yield sample
+
+    def _decode_image(self, raw: dict, counts: Counter) -> Optional[torch.Tensor]:
+        data = raw.get("png", raw.get("jpg", raw.get("jpeg")))
+        if data is None:
+            self._bad(counts, "missing_image", raw)
+            return None
+        try:
+            im = Image.open(io.BytesIO(data))
+            im = im.convert("RGB")
+        except Exception:  # PIL raises many types for corrupt data
+            self._bad(counts, "bad_image", raw)
+            return None
+        if im.size != (self.image_size, self.image_size):
+            im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(self.image_size, self.image_size, 3)
+        return x.permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
+
+    def _encode_qa(self, qa: dict, raw: dict, counts: Counter) -> Optional[dict]:
+        if not isinstance(qa, dict) or any(not isinstance(qa.get(f), str) for f in QA_FIELDS):
+            self._bad(counts, "missing_field", raw)
+            return None
+        if not qa["question"].strip():
+            self._bad(counts, "empty_question", raw)
+            return None
+        q, a = self.tok.encode(qa["question"]), self.tok.encode(qa["answer"])
+        prompt = [self.tok.bos_id] + q + [self.tok.sep_id]
+        tokens = prompt + a + [self.tok.eos_id]
+        excess = len(tokens) - 1 - self.max_text_len
+        if excess > 0:
+            if self.overlength == "skip" or excess > len(q) - 1:
+                self._bad(counts, "too_long", raw)
+                return None
+            counts["truncated"] += 1  # keep the question's end (its subject), drop its start
+            q = q[excess:]
+            prompt = [self.tok.bos_id] + q + [self.tok.sep_id]
+            tokens = prompt + a + [self.tok.eos_id]
+        input_ids = torch.tensor(tokens[:-1])
+        labels = torch.tensor(tokens[1:])
+        labels[: len(prompt) - 1] = -100  # loss on answer tokens (and <eos>) only
+        return {"input_ids": input_ids, "labels": labels, "task": qa["task"], "difficulty": qa["difficulty"],
+                "key": raw.get("__key__", "")}
+
+
+def collate(samples: List[dict], pad_id: int) -> Dict[str, object]:
+    """Right-pad a list of QA samples into a batch; sums the skip counts."""
+    T = max(len(s["input_ids"]) for s in samples)
+    B = len(samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for i, s in enumerate(samples):
+        input_ids[i, : len(s["input_ids"])] = s["input_ids"]
+        labels[i, : len(s["labels"])] = s["labels"]
+    skipped: Counter = Counter()
+    for s in samples:
+        skipped.update(s["skipped"])
+    return {"images": torch.stack([s["image"] for s in samples]),  # (B, 3, H, W)
+            "input_ids": input_ids, "labels": labels,  # (B, T)
+            "task": [s["task"] for s in samples], "difficulty": [s["difficulty"] for s in samples],
+            "key": [s["key"] for s in samples], "skipped": dict(skipped)}
+
+
+def qa_dataset(urls: List[str], expander: QAExpander, shuffle: int = 0, seed: int = 0) -> wds.WebDataset:
+    """Shard list -> iterable of QA samples, split by node and by DataLoader worker."""
+    missing = [u for u in urls if not Path(u).exists()]
+    if missing:
+        raise FileNotFoundError(f"missing shards: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    ds = wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed, handler=_tar_error,
+                        nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False)
+    ds = ds.compose(expander)
+    if shuffle:
+        ds = ds.shuffle(shuffle, initial=shuffle // 2)
+    return ds
