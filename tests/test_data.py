@@ -130,3 +130,33 @@ def test_skipped_samples_are_reported_at_epoch_end(tmp_path, bad_shard, caplog):
         assert float(m[f"data/{split}_skipped/bad_image"]) == 1.0
         assert float(m[f"data/{split}_skipped/non_utf8"]) == 1.0
     assert "skipped or altered samples" in caplog.text and "empty_question" in caplog.text
+
+
+def test_multi_turn_packs_every_question_of_an_image(tmp_path):
+    urls = write_generated_split(tmp_path, "train", 6, seed=2, images_per_shard=6)
+    singles = _read(urls)
+    packed = _read(urls, turns=6, max_text_len=96)
+    assert len(packed) == 6 and all(s["task"] == "multi" for s in packed)
+    for p in packed:
+        ids, labels = p["input_ids"].tolist(), p["labels"].tolist()
+        assert ids[0] == TOK.bos_id and ids.count(TOK.sep_id) == len([s for s in singles if s["key"] == p["key"]])
+        # every supervised position predicts an answer token or <eos>, right after <sep> or another answer token
+        for i, lab in enumerate(labels):
+            if lab != -100:
+                assert lab == ids[i + 1] if i + 1 < len(ids) else lab == TOK.eos_id
+                assert ids[i] not in (TOK.bos_id, TOK.eos_id) and (ids[i] == TOK.sep_id or labels[i - 1] != -100)
+        # the same supervised tokens as the single-turn samples of that image, in some order
+        answers = sorted(t for s in singles if s["key"] == p["key"] for t in s["labels"].tolist() if t != -100)
+        assert sorted(t for t in labels if t != -100) == answers
+    firsts = {TOK.decode(p["input_ids"][1:4].tolist()) for p in packed}
+    assert len(firsts) > 1  # the turn order is shuffled per image
+
+
+def test_multi_turn_packs_greedily_within_the_length_and_loses_nothing(tmp_path):
+    urls = write_generated_split(tmp_path, "train", 3, seed=2, images_per_shard=3)
+    singles = _read(urls)
+    packed = _read(urls, turns=6, max_text_len=30)
+    assert all(len(p["input_ids"]) <= 30 for p in packed)
+    assert len(packed) > 3  # an image's questions spill into a second sequence ...
+    assert sum(p["input_ids"].tolist().count(TOK.sep_id) for p in packed) == len(singles)  # ... none dropped
+    assert not collate(packed, TOK.pad_id)["skipped"]

@@ -17,6 +17,8 @@ class VQADataModule(L.LightningDataModule):
     """Shards `root/train-*.tar`, `root/val-*.tar` and `root/tokenizer.json`.
 
     With `generate: true` (the embedded default) missing shards are generated from `seed`.
+    `train_turns` > 1 packs that many questions about one image into each training sequence
+    (multi-turn, as LLaVA); validation is always one question per sequence.
     Images come out as floats in [0, 1], (B, 3, image_size, image_size)."""
 
     def __init__(
@@ -35,6 +37,7 @@ class VQADataModule(L.LightningDataModule):
         overlength: str = "truncate",
         strict: bool = False,
         shuffle_buffer: int = 2000,
+        train_turns: int = 1,
     ) -> None:
         super().__init__()
         positive = dict(train_images=train_images, val_images=val_images, images_per_shard=images_per_shard,
@@ -48,7 +51,7 @@ class VQADataModule(L.LightningDataModule):
             raise ValueError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.save_hyperparameters()
         self.root = Path(root)
-        self.expander = QAExpander(WordTokenizer([]), image_size, max_text_len, overlength, strict)  # validates
+        QAExpander(WordTokenizer([]), image_size, max_text_len, overlength, strict, train_turns)  # validates
         self.tokenizer: Optional[WordTokenizer] = None
 
     def prepare_data(self) -> None:
@@ -61,7 +64,9 @@ class VQADataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         h = self.hparams
         self.tokenizer = WordTokenizer.load(self.root / "tokenizer.json")
-        self.expander = QAExpander(self.tokenizer, h.image_size, h.max_text_len, h.overlength, h.strict)
+        self.expanders = {split: QAExpander(self.tokenizer, h.image_size, h.max_text_len, h.overlength, h.strict,
+                                            turns=h.train_turns if split == "train" else 1)
+                          for split in ("train", "val")}
 
     def shards(self, split: str) -> List[str]:
         urls = sorted(glob.glob(str(self.root / f"{split}-*.tar")))
@@ -71,7 +76,7 @@ class VQADataModule(L.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: int) -> DataLoader:
         assert self.tokenizer is not None, "call setup() first"
-        ds = qa_dataset(self.shards(split), self.expander, shuffle=shuffle, seed=self.hparams.seed)
+        ds = qa_dataset(self.shards(split), self.expanders[split], shuffle=shuffle, seed=self.hparams.seed)
         return DataLoader(ds, batch_size=batch_size, num_workers=self.hparams.num_workers,
                           collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_id),
                           persistent_workers=self.hparams.num_workers > 0)

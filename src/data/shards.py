@@ -10,10 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import webdataset as wds
@@ -88,17 +89,25 @@ def _tar_error(exn: Exception) -> bool:
 class QAExpander:
     """Decodes raw webdataset samples into (image, QA) samples; bad ones are skipped and counted.
 
+    `turns=1` yields one sample per question (how validation scores). `turns=k>1` packs up to k
+    questions about the same image into one multi-turn sequence, as LLaVA trains on
+    conversations: `<bos> q1 <sep> a1 <eos> q2 <sep> a2 <eos> ...`, loss on every answer, turn
+    order shuffled per image (seeded by its key) so each task also appears first. The visual
+    tokens are paid for once per k answers.
+
     Each yielded sample carries `skipped`: the reasons counted since the previous yield, so
     counts travel with the batches across DataLoader workers and none are lost."""
 
     def __init__(self, tokenizer: WordTokenizer, image_size: int, max_text_len: int,
-                 overlength: str = "truncate", strict: bool = False) -> None:
+                 overlength: str = "truncate", strict: bool = False, turns: int = 1) -> None:
         if overlength not in ("truncate", "skip"):
             raise ValueError(f"data.overlength must be 'truncate' or 'skip', got {overlength!r}")
         if max_text_len < 4:
             raise ValueError(f"data.max_text_len must be >= 4, got {max_text_len}")
+        if turns < 1:
+            raise ValueError(f"data.train_turns must be >= 1, got {turns}")
         self.tok, self.image_size, self.max_text_len = tokenizer, image_size, max_text_len
-        self.overlength, self.strict = overlength, strict
+        self.overlength, self.strict, self.turns = overlength, strict, turns
 
     def _bad(self, counts: Counter, reason: str, sample: dict) -> None:
         if self.strict:
@@ -126,8 +135,11 @@ class QAExpander:
             image = self._decode_image(raw, counts)
             if image is None:
                 continue
-            for qa in qas:
-                sample = self._encode_qa(qa, raw, counts)
+            encoded = [e for e in (self._encode_qa(qa, raw, counts) for qa in qas) if e is not None]
+            if self.turns > 1:
+                random.Random(raw.get("__key__", "")).shuffle(encoded)
+            for pack in self._packs(encoded):
+                sample = self._sequence(pack, raw, counts)
                 if sample is None:
                     continue
                 sample["image"] = image
@@ -151,30 +163,56 @@ class QAExpander:
         x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(self.image_size, self.image_size, 3)
         return x.permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
 
-    def _encode_qa(self, qa: dict, raw: dict, counts: Counter) -> Optional[dict]:
+    def _encode_qa(self, qa: dict, raw: dict, counts: Counter) -> Optional[Tuple[List[int], List[int], dict]]:
+        """-> (question ids, answer ids, qa) or None for a bad QA (counted)."""
         if not isinstance(qa, dict) or any(not isinstance(qa.get(f), str) for f in QA_FIELDS):
             self._bad(counts, "missing_field", raw)
             return None
         if not qa["question"].strip():
             self._bad(counts, "empty_question", raw)
             return None
-        q, a = self.tok.encode(qa["question"]), self.tok.encode(qa["answer"])
-        prompt = [self.tok.bos_id] + q + [self.tok.sep_id]
-        tokens = prompt + a + [self.tok.eos_id]
-        excess = len(tokens) - 1 - self.max_text_len
+        return self.tok.encode(qa["question"]), self.tok.encode(qa["answer"]), qa
+
+    @staticmethod
+    def _length(turns) -> int:
+        """Input length of a packed sequence: <bos>, then q <sep> a <eos> per turn, less the last <eos>."""
+        return sum(len(q) + len(a) + 2 for q, a, _ in turns)
+
+    def _packs(self, encoded: list) -> Iterator[list]:
+        """Greedy packing: up to `turns` questions per sequence while it fits; nothing is dropped."""
+        pack: list = []
+        for turn in encoded:
+            if pack and (len(pack) == self.turns or self._length(pack + [turn]) > self.max_text_len):
+                yield pack
+                pack = []
+            pack.append(turn)
+        if pack:
+            yield pack
+
+    def _sequence(self, turns: List[Tuple[List[int], List[int], dict]], raw: dict, counts: Counter) -> Optional[dict]:
+        """Build input_ids/labels (loss on answers and their <eos> only). Only a lone turn can be
+        too long: its question's start is cut (`truncate`, its subject stays) or it is skipped
+        (`skip`); both are counted."""
+        tok = self.tok
+        q, a, qa = turns[0]
+        excess = self._length(turns) - self.max_text_len
         if excess > 0:
             if self.overlength == "skip" or excess > len(q) - 1:
                 self._bad(counts, "too_long", raw)
                 return None
-            counts["truncated"] += 1  # keep the question's end (its subject), drop its start
-            q = q[excess:]
-            prompt = [self.tok.bos_id] + q + [self.tok.sep_id]
-            tokens = prompt + a + [self.tok.eos_id]
+            counts["truncated"] += 1
+            turns = [(q[excess:], a, qa)]
+        tokens, supervised = [tok.bos_id], [False]
+        for q, a, _ in turns:
+            tokens += q + [tok.sep_id] + a + [tok.eos_id]
+            supervised += [False] * (len(q) + 1) + [True] * (len(a) + 1)
         input_ids = torch.tensor(tokens[:-1])
         labels = torch.tensor(tokens[1:])
-        labels[: len(prompt) - 1] = -100  # loss on answer tokens (and <eos>) only
-        return {"input_ids": input_ids, "labels": labels, "task": qa["task"], "difficulty": qa["difficulty"],
-                "key": raw.get("__key__", "")}
+        labels[~torch.tensor(supervised[1:])] = -100  # a label is kept where the token it predicts is an answer/<eos>
+        first = turns[0][2]
+        multi = len(turns) > 1
+        return {"input_ids": input_ids, "labels": labels, "task": "multi" if multi else first["task"],
+                "difficulty": "multi" if multi else first["difficulty"], "key": raw.get("__key__", "")}
 
 
 def collate(samples: List[dict], pad_id: int) -> Dict[str, object]:
