@@ -8,6 +8,7 @@ from collections import Counter
 from typing import List, Optional, Sequence, Tuple
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
 
@@ -70,6 +71,7 @@ class VisorLitModule(L.LightningModule):
         self.skipped = {"train": Counter(), "val": Counter()}
         self._step_times: List[float] = []
         self.pad_id = 0
+        self._val_llm_flops: List[int] = []
 
     # -- modes ----------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -137,14 +139,22 @@ class VisorLitModule(L.LightningModule):
         flops = [sample_flops(self.lvlm, t) for t in lengths]
         self.log("val/loss", loss, batch_size=B)
         self.log("val/gflops", sum(f.llm for f in flops) / B / 1e9, batch_size=B)
+        self._val_llm_flops += [f.llm for f in flops]
         self.log("val/gflops_total", sum(f.total for f in flops) / B / 1e9, batch_size=B)
 
     def on_validation_epoch_end(self) -> None:
-        for name, acc in self.val_task_acc.compute().items():
+        tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
+        for name, acc in tasks.items():
             self.log(f"val/acc/{name}" if name != "all" else "val/acc", acc)
-        for name, acc in self.val_difficulty_acc.compute().items():
+        for name, acc in difficulty.items():
             if name != "all":
                 self.log(f"val/acc/{name}", acc)
+        if not self.trainer.sanity_checking:
+            parts = [f"{k} {100 * float(v):.1f}" for k, v in {**difficulty, **tasks}.items() if k != "all"]
+            gflops = sum(self._val_llm_flops) / max(1, len(self._val_llm_flops)) / 1e9
+            rank_zero_info(f"[val] step {self.global_step} ({self.lvlm.plan}): accuracy % " + ", ".join(parts)
+                           + f"; LLM GFLOPs/sample {gflops:.3f}")
+        self._val_llm_flops = []
         self.val_task_acc.reset()
         self.val_difficulty_acc.reset()
         self._report_skipped("val")
