@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV_ROOT ?= .venv-cache
-DEPS_HASH := $(shell cat pyproject.toml tools/requirements.py | sha256sum | cut -c1-16)
+DEPS_HASH := $(shell $(PYTHON) tools/requirements.py --dev | sha256sum | cut -c1-16)
 VENV := $(VENV_ROOT)/$(DEPS_HASH)
 PY := $(VENV)/bin/python
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
@@ -20,14 +20,17 @@ $(VENV)/.installed: pyproject.toml tools/requirements.py
 	$(PY) -m pip install -q setuptools wheel -r $(VENV)/requirements.txt
 	touch $@
 
-# Rebuilt whenever a C++/CUDA source changes (FORCE_CUDA=1 adds the .cu sources).
-src/_C.stamp: $(VENV)/.installed $(EXT_SOURCES)
+# Rebuilt whenever a C++/CUDA source changes, or the build kind does (FORCE_CUDA=1 adds the .cu sources).
+BUILD_KIND := $(if $(filter 1,$(FORCE_CUDA)),cuda,cpu)
+STAMP := src/_C.$(BUILD_KIND).stamp
+$(STAMP): $(VENV)/.installed $(EXT_SOURCES)
+	rm -f src/_C.*.stamp
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
-install: src/_C.stamp
+install: $(STAMP)
 
-build: src/_C.stamp
+build: $(STAMP)
 
 fit: install
 	$(PY) -m src.cli fit --config $(CONFIG)
@@ -39,4 +42,4 @@ test-all: install
 	$(PY) -m pytest -q -m ''
 
 clean:
-	rm -rf build src/_C*.so src/_C.stamp
+	rm -rf build src/_C*.so src/_C.*.stamp

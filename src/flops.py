@@ -75,8 +75,11 @@ def vision_flops_per_image(encoder) -> int:
     """Measured once per encoder (any timm architecture), cached on it."""
     if getattr(encoder, "_flops_per_image", None) is None:
         x = torch.zeros(1, 3, encoder.image_size, encoder.image_size, device=next(encoder.parameters()).device)
+        was_training = encoder.training
+        encoder.eval()  # a train-mode pass would update batch-norm statistics
         with torch.no_grad():
             encoder._flops_per_image = measured_flops(encoder, x)
+        encoder.train(was_training)
     return encoder._flops_per_image
 
 

@@ -81,9 +81,10 @@ def test_visor_is_cheaper_than_full(workdir, base_export):
     ("--model.lvlm.init_args.decoder.n_kv_heads", "3", "n_kv_heads"),
     ("--model.lr", "-1", "lr"),
     ("--data.overlength", "drop", "overlength"),
+    ("--model.base_checkpoint", "no/such/dir", "model.base_checkpoint=no/such/dir does not exist"),
 ])
 def test_bad_config_fields_are_named(workdir, base_export, capsys, arg, value, field):
-    with pytest.raises((SystemExit, ValueError)) as info:
-        _fit("configs/visor.yaml", arg, value, "--model.base_checkpoint", base_export)
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError)) as info:
+        _fit("configs/visor.yaml", "--model.base_checkpoint", base_export, arg, value)
     text = str(info.value) + capsys.readouterr().err
     assert field in text, text[-2000:]

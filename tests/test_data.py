@@ -160,3 +160,17 @@ def test_multi_turn_packs_greedily_within_the_length_and_loses_nothing(tmp_path)
     assert len(packed) > 3  # an image's questions spill into a second sequence ...
     assert sum(p["input_ids"].tolist().count(TOK.sep_id) for p in packed) == len(singles)  # ... none dropped
     assert not collate(packed, TOK.pad_id)["skipped"]
+
+
+def test_shards_made_with_other_settings_are_not_reused(tmp_path):
+    from src.data.shards import ensure_default_dataset
+
+    ensure_default_dataset(tmp_path, 4, 2, seed=0, images_per_shard=2)
+    ensure_default_dataset(tmp_path, 4, 2, seed=0, images_per_shard=2)  # same settings: reused
+    with pytest.raises(ValueError, match=r"data.seed: on disk 0, configured 1"):
+        ensure_default_dataset(tmp_path, 4, 2, seed=1, images_per_shard=2)
+    with pytest.raises(ValueError, match=r"data.val_images"):
+        ensure_default_dataset(tmp_path, 4, 3, seed=0, images_per_shard=2)
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(ValueError, match="no meta.json"):
+        ensure_default_dataset(tmp_path, 4, 2, seed=0, images_per_shard=2)

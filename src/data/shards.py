@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 import re
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -25,6 +27,7 @@ from src.data.generator import GeneratorConfig, SceneGenerator, vocabulary
 from src.data.tokenizer import WordTokenizer
 
 QA_FIELDS = ("question", "answer", "task", "difficulty")
+log = logging.getLogger(__name__)
 
 
 class ShardError(RuntimeError):
@@ -68,11 +71,29 @@ def write_generated_split(root: str | Path, split: str, n_images: int, seed: int
 
 def ensure_default_dataset(root: str | Path, train_images: int, val_images: int, seed: int,
                            images_per_shard: int = 1000) -> None:
-    """Generate the embedded default (train, val, tokenizer.json) where missing."""
+    """Generate the embedded default (train, val, tokenizer.json) where missing.
+
+    `root/meta.json` records how the shards were made; shards made with other settings are never
+    reused silently (a changed seed or size is an error naming the fields)."""
     root = Path(root)
+    want = {"seed": seed, "train_images": train_images, "val_images": val_images,
+            "images_per_shard": images_per_shard, "generator": asdict(GeneratorConfig())}
+    want = json.loads(json.dumps(want))  # compare as stored (tuples become lists)
+    meta_path = root / "meta.json"
+    if meta_path.exists():
+        have = json.loads(meta_path.read_text())
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            raise ValueError(f"data.root={root} holds shards generated with other settings "
+                             + ", ".join(f"data.{k}: on disk {a!r}, configured {b!r}" for k, (a, b) in diff.items())
+                             + "; delete that folder or choose another data.root")
+    elif any(root.glob("*.tar")):
+        raise ValueError(f"data.root={root} holds shards but no meta.json saying how they were made; "
+                         "delete that folder or choose another data.root")
     write_generated_split(root, "train", train_images, seed, images_per_shard)
     write_generated_split(root, "val", val_images, seed + 1_000_000, images_per_shard)
     WordTokenizer(vocabulary()).save(root / "tokenizer.json")
+    meta_path.write_text(json.dumps(want, indent=1))
 
 
 def _tar_error(exn: Exception) -> bool:
@@ -146,6 +167,8 @@ class QAExpander:
                 sample["skipped"] = dict(counts)
                 counts.clear()
                 yield sample
+        if counts:  # nothing left to carry them: say so rather than lose them
+            log.warning("bad samples after the last good one of this reader: %s", dict(counts))
 
     def _decode_image(self, raw: dict, counts: Counter) -> Optional[torch.Tensor]:
         data = raw.get("png", raw.get("jpg", raw.get("jpeg")))
@@ -242,5 +265,5 @@ def qa_dataset(urls: List[str], expander: QAExpander, shuffle: int = 0, seed: in
                         nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False)
     ds = ds.compose(expander)
     if shuffle:
-        ds = ds.shuffle(shuffle, initial=shuffle // 2)
+        ds = ds.shuffle(shuffle, initial=shuffle // 2, seed=seed)
     return ds

@@ -1,9 +1,11 @@
 """LightningModule: trains a VisorLVLM with a fixed layer plan (loss on answer tokens only)."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from pathlib import Path
 from collections import Counter
 from typing import List, Optional, Sequence, Tuple
 
@@ -60,8 +62,15 @@ class VisorLitModule(L.LightningModule):
         self.lvlm = lvlm
         self.new_params: List[str] = []
         if base_checkpoint is not None:
+            if not Path(base_checkpoint).exists():
+                raise FileNotFoundError(
+                    f"model.base_checkpoint={base_checkpoint} does not exist: train a base with configs/base.yaml and "
+                    "export it with `python -m src.export --config configs/base.yaml --ckpt <last.ckpt> --out <dir>`")
             report = load_base_checkpoint(lvlm, base_checkpoint)
             self.new_params = ["lvlm." + n for n in report["new"]]
+            if new_params_only_steps and not self.new_params:
+                raise ValueError("model.new_params_only_steps > 0 but the model adds no parameters to the base "
+                                 "checkpoint (no cross layers, no pos_conv): nothing to train in stage 1")
             log.info("loaded base %s: %d tensors; new: %d", base_checkpoint, len(report["loaded"]), len(report["new"]))
         if freeze_vision:
             lvlm.vision.requires_grad_(False)
@@ -172,24 +181,39 @@ class VisorLitModule(L.LightningModule):
 
     # -- optimiser ------------------------------------------------------------------------------
     def configure_optimizers(self):
+        """AdamW in four groups (new / base parameters x decay / no decay). Each group warms up
+        linearly then decays by cosine to `min_lr_ratio`; base parameters start their warmup when
+        stage 2 starts (step `new_params_only_steps`), so unfreezing the pretrained decoder with
+        empty Adam state is not a full-LR shock."""
         h = self.hparams
-        params = [(n, p) for n, p in self.named_parameters()
-                  if not (h.freeze_vision and n.startswith("lvlm.vision."))]
-        seen, decay, no_decay = set(), [], []
-        for n, p in params:
-            if id(p) in seen:
+        new = set(self.new_params)
+        groups = {(is_new, decays): [] for is_new in (True, False) for decays in (True, False)}
+        seen = set()
+        for n, p in self.named_parameters():
+            if (h.freeze_vision and n.startswith("lvlm.vision.")) or id(p) in seen:
                 continue
             seen.add(id(p))
-            (decay if p.dim() >= 2 and "embed" not in n else no_decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=h.lr, betas=h.betas)
+            decays = p.dim() >= 2 and "embed" not in n
+            groups[(n in new or not new, decays)].append(p)  # no base checkpoint: everything is "new"
+        param_groups, starts = [], []
+        for (is_new, decays), params in groups.items():
+            if params:
+                param_groups.append({"params": params, "weight_decay": h.weight_decay if decays else 0.0})
+                starts.append(0 if is_new else h.new_params_only_steps)
+        opt = torch.optim.AdamW(param_groups, lr=h.lr, betas=h.betas)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-
-        def schedule(step: int) -> float:
-            if step < h.warmup_steps:
-                return (step + 1) / h.warmup_steps
-            progress = min(1.0, (step - h.warmup_steps) / max(1, total - h.warmup_steps))
-            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, [functools.partial(warmup_cosine, start=s, warmup=h.warmup_steps, total=total,
+                                    min_ratio=h.min_lr_ratio) for s in starts])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def warmup_cosine(step: int, start: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: 0 before `start`, linear warmup over `warmup` steps, cosine to `min_ratio` at `total`."""
+    if step < start:
+        return 0.0
+    step -= start
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - start - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -71,6 +71,8 @@ class DecoderConfig:
                 raise ValueError(f"decoder.{key} must be a positive integer, got {getattr(self, key)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"decoder.d_model={self.d_model} is not divisible by decoder.n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"decoder.d_model / decoder.n_heads = {self.head_dim} must be even (RoPE rotates pairs)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"decoder.n_heads={self.n_heads} is not a multiple of decoder.n_kv_heads={self.n_kv_heads}"
