@@ -29,8 +29,12 @@ ROWS = {
 }
 
 
+def row_logdir(name: str) -> Path:
+    return ROOT / "outputs" / "table" / name / "run"
+
+
 def run_row(name: str, steps: int | None, python: str) -> Path:
-    logdir = ROOT / "outputs" / "table" / name / "run"
+    logdir = row_logdir(name)
     done = logdir / "DONE"
     if done.exists():
         print(f"[{name}] finished earlier: {logdir}")
@@ -93,7 +97,7 @@ def main() -> None:
         sys.exit(f"--only: unknown rows {sorted(unknown)}; known: {list(ROWS)}")
     results = {}
     for name in names:
-        logdir = ROOT / "outputs" / "table" / name / "run"
+        logdir = row_logdir(name)
         if not args.table_only:
             run_row(name, args.steps, sys.executable)
         if logdir.exists():

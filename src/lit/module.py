@@ -5,8 +5,8 @@ import functools
 import logging
 import math
 import time
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import lightning as L
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from src.data.generator import TASKS
-from src.flops import sample_flops
+from src.flops import SampleFlops, sample_flops
 from src.lit.checkpoint_io import load_base_checkpoint
 from src.metrics import GroupedAccuracy, exact_match
 from src.models.lvlm import VisorLVLM
@@ -80,7 +80,7 @@ class VisorLitModule(L.LightningModule):
         self.skipped = {"train": Counter(), "val": Counter()}
         self._step_times: List[float] = []
         self.pad_id = 0
-        self._val_llm_flops: List[int] = []
+        self._val_flops: List[SampleFlops] = []
 
     # -- modes ----------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -147,9 +147,7 @@ class VisorLitModule(L.LightningModule):
         lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
         flops = [sample_flops(self.lvlm, t) for t in lengths]
         self.log("val/loss", loss, batch_size=B)
-        self.log("val/gflops", sum(f.llm for f in flops) / B / 1e9, batch_size=B)
-        self._val_llm_flops += [f.llm for f in flops]
-        self.log("val/gflops_total", sum(f.total for f in flops) / B / 1e9, batch_size=B)
+        self._val_flops += flops
 
     def on_validation_epoch_end(self) -> None:
         tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
@@ -158,12 +156,15 @@ class VisorLitModule(L.LightningModule):
         for name, acc in difficulty.items():
             if name != "all":
                 self.log(f"val/acc/{name}", acc)
+        n = max(1, len(self._val_flops))  # per-sample means over the whole validation set
+        gflops = sum(f.llm for f in self._val_flops) / n / 1e9
+        self.log("val/gflops", gflops)
+        self.log("val/gflops_total", sum(f.total for f in self._val_flops) / n / 1e9)
+        self._val_flops = []
         if not self.trainer.sanity_checking:
             parts = [f"{k} {100 * float(v):.1f}" for k, v in {**difficulty, **tasks}.items() if k != "all"]
-            gflops = sum(self._val_llm_flops) / max(1, len(self._val_llm_flops)) / 1e9
             rank_zero_info(f"[val] step {self.global_step} ({self.lvlm.plan}): accuracy % " + ", ".join(parts)
                            + f"; LLM GFLOPs/sample {gflops:.3f}")
-        self._val_llm_flops = []
         self.val_task_acc.reset()
         self.val_difficulty_acc.reset()
         self._report_skipped("val")

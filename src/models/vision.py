@@ -46,11 +46,9 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"vision.feature_layer={feature_layer} is not valid for {name!r}: {e}") from e
         self.name, self.feature_layer, self.image_size = name, feature_layer, image_size
         # Normalisation: given, else the pretrained weights' own (timm's pretrained_cfg), else 0.5/0.5.
-        cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
-        if mean is None:
-            mean = tuple(cfg.get("mean", (0.5,) * 3)) if checkpoint_path is not None else (0.5,) * 3
-        if std is None:
-            std = tuple(cfg.get("std", (0.5,) * 3)) if checkpoint_path is not None else (0.5,) * 3
+        cfg = (getattr(self.backbone, "pretrained_cfg", None) or {}) if checkpoint_path is not None else {}
+        mean = tuple(mean if mean is not None else cfg.get("mean", (0.5,) * 3))
+        std = tuple(std if std is not None else cfg.get("std", (0.5,) * 3))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.out_dim = self.backbone.feature_info.channels()[-1]
