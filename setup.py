@@ -5,6 +5,7 @@ the toolkit root is found even when the `nvcc` on PATH is a wrapper script. Buil
 `pip install --no-build-isolation -e .` (the build needs the installed torch)."""
 import glob
 import os
+import platform
 import re
 import shutil
 import sys
@@ -51,12 +52,29 @@ def nvidia_wheel_includes():
     return sorted({str(Path(d)) for root in roots for d in glob.glob(os.path.join(root, "*", "include"))})
 
 
+def cpu_vector_flags():
+    """AVX2 + FMA + F16C code for ATen's at::vec in our CPU kernels when the building x86 machine has both
+    (the extension is built where it runs); VISOR_NO_AVX2=1 keeps the portable generic vectors."""
+    if os.environ.get("VISOR_NO_AVX2") == "1" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    try:
+        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        return []
+    if {"avx2", "fma", "f16c"} <= flags:
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
 def extensions():
     import torch
     from torch.utils import cpp_extension
 
     sources = ["csrc/visor_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    extra = {"cxx": ["-O3"]}
+    # -fopenmp: torch's at::parallel_for is OpenMP-backed and inlined into our kernels; without the
+    # flag its `#pragma omp parallel` is ignored and every CPU kernel runs on one thread.
+    extra = {"cxx": ["-O3", "-fopenmp"] + cpu_vector_flags()}
+    link = ["-fopenmp"]
     force_cuda = os.environ.get("FORCE_CUDA") == "1"
     if force_cuda or torch.cuda.is_available():
         cuda_home = find_cuda_home()
@@ -71,8 +89,8 @@ def extensions():
         after = nvidia_wheel_includes()
         extra["cxx"] += [f for d in after for f in ("-idirafter", d)]
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"] + [f"-Xcompiler=-idirafter,{d}" for d in after]
-        return [cpp_extension.CUDAExtension("src._C", sources, extra_compile_args=extra)], cpp_extension
-    return [cpp_extension.CppExtension("src._C", sources, extra_compile_args=extra)], cpp_extension
+        return [cpp_extension.CUDAExtension("src._C", sources, extra_compile_args=extra, extra_link_args=link)], cpp_extension
+    return [cpp_extension.CppExtension("src._C", sources, extra_compile_args=extra, extra_link_args=link)], cpp_extension
 
 
 ext_modules, cpp_extension = extensions()

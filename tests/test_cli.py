@@ -40,7 +40,7 @@ def test_base_config_trains_and_exports(workdir):
     cli = _fit("configs/base.yaml")
     assert cli.trainer.global_step == 2
     assert (workdir / "outputs/base/export/model.safetensors").exists()
-    assert (workdir / "data/default/tokenizer.json").exists()
+    assert (workdir / "data/base/tokenizer.json").exists()
 
 
 @pytest.mark.parametrize("configs", [["configs/visor.yaml"], ["configs/full.yaml"],

@@ -1,8 +1,9 @@
 """The single attention dispatch point of the model.
 
-Every attention in the decoder goes through `causal_self_attention` or `cross_attention`, so
-the fused kernels from `csrc/` slot in here without touching the model. Until then both use
-`torch.nn.functional.scaled_dot_product_attention` (the pure-PyTorch reference).
+Every attention in the decoder goes through `causal_self_attention` or `cross_attention`.
+Cross-attention (text over image) runs the fused `visor::cross_attention` op from `csrc/` when the
+extension is built, its pure-PyTorch reference otherwise (src/ops/cross_attention.py). Causal
+self-attention uses `torch.nn.functional.scaled_dot_product_attention`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from src.ops.cross_attention import cross_attention_with_lse
 
 
 def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -37,12 +40,4 @@ def cross_attention(
     -> (B, H, T, hd). A sample with kv_lens == 0 gets a zero output.
     """
     _check_heads(q, k, v)
-    mask = None
-    if kv_lens is not None:
-        assert kv_lens.shape == (q.shape[0],), f"kv_lens must be (B,), got {tuple(kv_lens.shape)}"
-        mask = torch.arange(k.shape[2], device=k.device)[None, :] < kv_lens[:, None]  # (B, V)
-        mask = mask[:, None, None, :]  # (B, 1, 1, V)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
-    if kv_lens is not None:
-        out = out.masked_fill((kv_lens == 0)[:, None, None, None], 0.0)
-    return out
+    return cross_attention_with_lse(q, k, v, kv_lens)[0]

@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../scatter_add_rows.h"
+#include "../layer_skip.h"
 
 namespace visor {
 
@@ -38,6 +38,37 @@ at::Tensor scatter_add_rows_cuda(const at::Tensor& x, const at::Tensor& index, c
   return out;
 }
 
+template <typename scalar_t>
+__global__ void gather_rows_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                                   const int64_t* __restrict__ index, int64_t K, int64_t D) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= K * D) return;
+  out[i] = x[index[i / D] * D + i % D];
+}
+
+at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index) {
+  check_gather_rows_inputs(x, index);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto src = x.contiguous();
+  auto idx = index.contiguous();
+  const int64_t K = idx.size(0), D = x.size(1);
+  auto out = at::empty({K, D}, x.options());
+  if (K * D == 0) return out;
+  TORCH_CHECK(((idx >= 0) & (idx < x.size(0))).all().item<bool>(), "gather_rows: index out of range [0, ",
+              x.size(0), ")");
+  const int threads = 256;
+  const int64_t blocks = (K * D + threads - 1) / threads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_rows_cuda", [&] {
+    gather_rows_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        out.data_ptr<scalar_t>(), src.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), K, D);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace visor
 
-TORCH_LIBRARY_IMPL(visor, CUDA, m) { m.impl("scatter_add_rows", &visor::scatter_add_rows_cuda); }
+TORCH_LIBRARY_IMPL(visor, CUDA, m) {
+  m.impl("scatter_add_rows", &visor::scatter_add_rows_cuda);
+  m.impl("gather_rows", &visor::gather_rows_cuda);
+}

@@ -4,7 +4,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "../scatter_add_rows.h"
+#include <algorithm>
+#include <cstring>
+
+#include "../layer_skip.h"
 
 namespace visor {
 
@@ -36,6 +39,30 @@ at::Tensor scatter_add_rows_cpu(const at::Tensor& x, const at::Tensor& index, co
   return out;
 }
 
+// Parallel over output rows: each row is one contiguous copy.
+at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index) {
+  check_gather_rows_inputs(x, index);
+  auto src = x.contiguous();
+  auto idx = index.contiguous();
+  const int64_t N = x.size(0), K = idx.size(0), D = x.size(1);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(ip[k] >= 0 && ip[k] < N, "gather_rows: index ", ip[k], " out of range [0, ", N, ")");
+  }
+  auto out = at::empty({K, D}, x.options());
+  if (K * D == 0) return out;
+  const int64_t bytes = D * static_cast<int64_t>(x.element_size());
+  const char* sp = static_cast<const char*>(src.data_ptr());
+  char* op = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, K, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, bytes)), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) std::memcpy(op + k * bytes, sp + ip[k] * bytes, bytes);
+  });
+  return out;
+}
+
 }  // namespace visor
 
-TORCH_LIBRARY_IMPL(visor, CPU, m) { m.impl("scatter_add_rows", &visor::scatter_add_rows_cpu); }
+TORCH_LIBRARY_IMPL(visor, CPU, m) {
+  m.impl("scatter_add_rows", &visor::scatter_add_rows_cpu);
+  m.impl("gather_rows", &visor::gather_rows_cpu);
+}

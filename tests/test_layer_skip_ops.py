@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from src.ops.extension import extension_available
-from src.ops.scatter import scatter_add_rows, scatter_add_rows_reference
+from src.ops.layer_skip import gather_rows, gather_rows_reference, scatter_add_rows, scatter_add_rows_reference
 
 needs_ext = pytest.mark.skipif(not extension_available(), reason="C++ extension not built")
 
@@ -50,12 +50,38 @@ def test_bad_index_is_a_clear_error():
     x, _, delta = _inputs()
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.visor.scatter_add_rows(x, torch.tensor([0, 1, 2, 99]), delta)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.visor.gather_rows(x, torch.tensor([0, -1]))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_gather_matches_reference_exactly(dtype):
+    x = torch.randn(10, 77, dtype=torch.float64).to(dtype)
+    index = torch.tensor([3, 3, 0, 9, 5])
+    assert torch.equal(torch.ops.visor.gather_rows(x, index), gather_rows_reference(x, index))
+    assert torch.ops.visor.gather_rows(x, index[:0]).shape == (0, 77)
+
+
+@needs_ext
+def test_gather_opcheck_gradcheck_and_skip_round_trip():
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([4, 1, 4])
+    torch.library.opcheck(torch.ops.visor.gather_rows.default, (x, index))
+    assert torch.autograd.gradcheck(lambda a: gather_rows(a, index), (x,))
+    # gated skipping as the model uses it: the gathered rows go through a layer, the update goes back
+    active = torch.tensor([0, 2, 5])
+    out = scatter_add_rows(x, active, torch.tanh(gather_rows(x, active)))
+    ref = x.detach().clone()
+    ref[active] += torch.tanh(ref[active])
+    assert torch.allclose(out, ref)
+    assert torch.autograd.gradcheck(lambda a: scatter_add_rows(a, active, torch.tanh(gather_rows(a, active))), (x,))
 
 
 def test_disable_env_falls_back_to_reference_with_one_warning():
     code = ("import warnings, torch\nwarnings.simplefilter('always')\n"
             "with warnings.catch_warnings(record=True) as w:\n"
-            "    from src.ops.scatter import scatter_add_rows\n"
+            "    from src.ops.layer_skip import scatter_add_rows\n"
             "    x = torch.zeros(3, 2); out = scatter_add_rows(x, torch.tensor([1, 1]), torch.ones(2, 2))\n"
             "    scatter_add_rows(x, torch.tensor([0]), torch.ones(1, 2))\n"
             "assert out[1].tolist() == [2.0, 2.0], out\n"
@@ -68,7 +94,13 @@ def test_disable_env_falls_back_to_reference_with_one_warning():
 
 @pytest.mark.gpu
 @needs_ext
-def test_scatter_cuda_matches_cpu():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_layer_skip_cuda_matches_reference():
     x, index, delta = _inputs(N=128, K=4, D=257)
     out = torch.ops.visor.scatter_add_rows(x.cuda(), index.cuda(), delta.cuda()).cpu()
     assert torch.allclose(out, scatter_add_rows_reference(x, index, delta), atol=1e-5)
+    assert torch.equal(torch.ops.visor.gather_rows(x.cuda(), index.cuda()).cpu(), gather_rows_reference(x, index))
+    xd = torch.randn(6, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    active = torch.tensor([0, 2, 5], device="cuda")
+    torch.library.opcheck(torch.ops.visor.gather_rows.default, (xd, active))
+    assert torch.autograd.gradcheck(lambda a: scatter_add_rows(a, active, torch.tanh(gather_rows(a, active))), (xd,))
