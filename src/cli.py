@@ -1,6 +1,18 @@
-"""LightningCLI entry point: python -m src.cli {fit,validate,test,predict} --config configs/visor.yaml"""
+"""LightningCLI entry point: python -m src.cli {fit,validate,test,predict} --config configs/visor.yaml
+
+The LVLM stages (base, VISOR, full, universal) use `VisorLitModule` with its arguments directly
+under `model:`. A config whose `model:` names a `class_path` (configs/policy.yaml:
+`src.lit.PolicyLitModule`) selects that LightningModule instead, with its arguments under
+`model.init_args`.
+"""
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from src.data.datamodule import VQADataModule
@@ -13,8 +25,36 @@ class VisorCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.lvlm.init_args.vision.init_args.image_size")
 
 
-def main(args=None) -> VisorCLI:
-    return VisorCLI(VisorLitModule, VQADataModule, save_config_kwargs={"overwrite": True}, args=args)
+def _config_paths(argv: List[str]) -> List[str]:
+    paths = []
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif a.startswith("--config="):
+            paths.append(a.split("=", 1)[1])
+    return paths
+
+
+def module_class_path(argv: List[str]) -> Optional[str]:
+    """The `model.class_path` named by the last config that names one, else None."""
+    found = None
+    for path in _config_paths(argv):
+        if Path(path).is_file():
+            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model")
+            if isinstance(model, dict) and "class_path" in model:
+                found = model["class_path"]
+    return found
+
+
+def main(args: Optional[List[str]] = None) -> LightningCLI:
+    argv = sys.argv[1:] if args is None else list(args)
+    class_path = module_class_path(argv)
+    if class_path is None:
+        return VisorCLI(VisorLitModule, VQADataModule, save_config_kwargs={"overwrite": True}, args=args)
+    module_name, _, cls_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return LightningCLI(cls, VQADataModule, subclass_mode_model=True, save_config_kwargs={"overwrite": True},
+                        args=args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ the projector and the LLM are analytical. Cross-checked against the counter in t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -83,12 +83,18 @@ def vision_flops_per_image(encoder) -> int:
     return encoder._flops_per_image
 
 
-def sample_flops(model, T: int) -> SampleFlops:
-    """FLOPs for one sample with T text tokens through a VisorLVLM (inference, one forward)."""
+def sample_flops(model, T: int, budget: Optional[int] = None) -> SampleFlops:
+    """FLOPs for one sample with T text tokens through a VisorLVLM (inference, one forward) at
+    `budget` (an index into the plan's budgets; None: the largest)."""
     c = model.decoder.config
     V0 = model.vision.num_tokens
     proj = 2 * V0 * (model.projector.fc1.in_features * c.d_model + c.d_model * c.d_model)
     if model.pos_conv is not None:
         proj += 2 * V0 * c.d_model * model.pos_conv.conv.kernel_size[0]
     return SampleFlops(vision=vision_flops_per_image(model.vision), projector=proj,
-                       llm=llm_flops(c, model.plan.kinds, model.num_visual_tokens, T))
+                       llm=llm_flops(c, budget_kinds(model.plan, budget), model.num_visual_tokens, T))
+
+
+def budget_kinds(plan, budget: Optional[int] = None) -> List[str]:
+    """The layer kinds a budget runs (None: the largest budget)."""
+    return plan.budget_kinds(plan.largest_budget if budget is None else budget)

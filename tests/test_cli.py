@@ -88,3 +88,34 @@ def test_bad_config_fields_are_named(workdir, base_export, capsys, arg, value, f
         _fit("configs/visor.yaml", "--model.base_checkpoint", base_export, arg, value)
     text = str(info.value) + capsys.readouterr().err
     assert field in text, text[-2000:]
+
+
+def test_universal_then_policy_stage_from_the_cli(workdir, base_export):
+    """configs/universal.yaml trains over budgets and exports; configs/policy.yaml loads that export,
+    freezes the LVLM and trains only the router (REINFORCE, then pseudo-labels)."""
+    cli = _fit("configs/visor.yaml", "--config", str(ROOT / "configs/universal.yaml"),
+               "--model.base_checkpoint", base_export)
+    metrics = cli.trainer.callback_metrics
+    assert all(f"val/acc@budget={k}" in metrics and f"val/gflops@budget={k}" in metrics for k in range(3))
+    assert float(metrics["val/gflops@budget=0"]) < float(metrics["val/gflops@budget=1"]) < float(
+        metrics["val/gflops@budget=2"])
+    export = workdir / "outputs/universal/export"
+    assert (export / "model.safetensors").exists()
+    for mode in ("reinforce", "pseudo_label"):
+        policy_cli = main(["fit", "--config", str(ROOT / "configs/policy.yaml"),
+                           "--model.init_args.universal_checkpoint", str(export), "--model.init_args.mode", mode,
+                           "--trainer.fast_dev_run", "2", *DATA])
+        module = policy_cli.model
+        assert policy_cli.trainer.global_step == 2
+        trainable = {n for n, p in module.lvlm.named_parameters() if p.requires_grad}
+        assert trainable and all(n.startswith("policy.") for n in trainable)
+        assert module.lvlm.policy.fc2.weight.abs().sum() > 0  # the router (zero-initialised) did train
+        m = policy_cli.trainer.callback_metrics
+        assert "val/acc/hard" in m and "val/gflops" in m and "val/budget_frac/hard/2" in m
+
+
+def test_policy_stage_needs_the_universal_export(workdir):
+    # (in subclass mode jsonargparse re-raises the module's FileNotFoundError as a ValueError quoting it)
+    with pytest.raises((FileNotFoundError, ValueError), match="universal_checkpoint=no/such/dir does not exist"):
+        main(["fit", "--config", str(ROOT / "configs/policy.yaml"), "--model.init_args.universal_checkpoint",
+              "no/such/dir", "--trainer.fast_dev_run", "1", *DATA])

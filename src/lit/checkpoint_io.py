@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -56,30 +56,35 @@ def export_checkpoint(model: VisorLVLM, out_dir: str | Path, manifest: dict) -> 
     return out_dir
 
 
-def load_base_checkpoint(model: VisorLVLM, path: str | Path) -> Dict[str, list]:
-    """Load base weights into `model`. Every base tensor must land; the only model tensors the base
-    may lack are the ones VISOR adds (cross sublayers, positional conv), which keep their
-    initialisation (cross sublayers re-copied from their freshly loaded host layers).
+def load_base_checkpoint(model: VisorLVLM, path: str | Path,
+                         may_lack: Optional[Iterable[str]] = None) -> Dict[str, list]:
+    """Load an exported checkpoint into `model`. Every checkpoint tensor must land; the only model
+    tensors the checkpoint may lack are `may_lack` (default: the ones VISOR adds to a base LVLM:
+    cross sublayers, positional conv, router), which keep their initialisation (cross sublayers
+    re-copied from their freshly loaded host layers). So a base loads into a VISOR model, and a
+    universal VISOR checkpoint into the same model with a router (may_lack = the router's names).
     Returns {"loaded": [...], "new": [...]}; raises CheckpointMismatch listing any other difference."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"base checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     base = load_file(str(path))
     target = model.state_dict()
     alias = _tied_alias(model)
-    new = set(model.new_parameter_names())
-    expected = {k for k in target if k != alias and k not in new}
-    missing = sorted(expected - set(base))
-    unexpected = sorted(set(base) - expected)
+    allowed = set(model.new_parameter_names() if may_lack is None else may_lack)
+    model_keys = {k for k in target if k != alias}
+    missing = sorted(model_keys - set(base) - allowed)
+    unexpected = sorted(set(base) - model_keys)
     misshaped = sorted(f"{k}: checkpoint {tuple(base[k].shape)} vs model {tuple(target[k].shape)}"
-                       for k in expected & set(base) if base[k].shape != target[k].shape)
+                       for k in model_keys & set(base) if base[k].shape != target[k].shape)
     if missing or unexpected or misshaped:
         raise CheckpointMismatch(f"{path} does not fit the model:\n  missing: {missing}\n"
                                  f"  unexpected: {unexpected}\n  mis-shaped: {misshaped}")
+    loaded = model_keys & set(base)
     with torch.no_grad():
-        for k in expected:
+        for k in loaded:
             target[k].copy_(base[k].to(target[k].dtype))
-    model.decoder.init_cross_from_host()
-    return {"loaded": sorted(expected), "new": sorted(new)}
+    fresh_cross = {k.split(".")[2] for k in model_keys - loaded if k.startswith("decoder.cross.")}
+    model.decoder.init_cross_from_host(only=fresh_cross)
+    return {"loaded": sorted(loaded), "new": sorted(model_keys - loaded)}

@@ -1,13 +1,21 @@
-"""LightningModule: trains a VisorLVLM with a fixed layer plan (loss on answer tokens only)."""
+"""LightningModule: trains a VisorLVLM (loss on answer tokens only), at one budget or over all of them.
+
+Universal training (one set of weights for every budget of the plan): `budget_sampling: uniform`
+trains one random feasible budget per step (the paper), `sandwich` the largest, the smallest and
+one random budget per step with the losses summed (slimmable networks). Validation then evaluates
+every budget: accuracy per difficulty and GFLOPs per budget, logged as `val/acc@budget=<k>` and as
+an accuracy-vs-GFLOPs chart and table in TensorBoard.
+"""
 from __future__ import annotations
 
 import functools
 import logging
 import math
+import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -19,6 +27,9 @@ from src.flops import SampleFlops, sample_flops
 from src.lit.checkpoint_io import load_base_checkpoint
 from src.metrics import GroupedAccuracy, exact_match
 from src.models.lvlm import VisorLVLM
+from src.plots import to_tensorboard, xy_chart
+
+BUDGET_SAMPLING = ("largest", "uniform", "sandwich")
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +45,8 @@ class VisorLitModule(L.LightningModule):
             (cross sublayers, positional conv); then everything not frozen.
         lr, min_lr_ratio, warmup_steps, weight_decay, betas: AdamW with linear warmup, cosine decay.
         tasks: task names for per-task validation accuracy.
+        budget_sampling: which budgets a training step runs: `largest` (default), `uniform`,
+            `sandwich`, or a budget index (train at that budget only).
     """
 
     def __init__(
@@ -48,8 +61,16 @@ class VisorLitModule(L.LightningModule):
         weight_decay: float = 0.05,
         betas: Tuple[float, float] = (0.9, 0.95),
         tasks: Sequence[str] = TASKS,
+        budget_sampling: Union[str, int] = "largest",
     ) -> None:
         super().__init__()
+        n_budgets = lvlm.plan.n_budgets
+        if isinstance(budget_sampling, int):
+            if not 0 <= budget_sampling < n_budgets:
+                raise ValueError(f"model.budget_sampling: budget {budget_sampling} out of range [0, {n_budgets})")
+        elif budget_sampling not in BUDGET_SAMPLING:
+            raise ValueError(f"model.budget_sampling must be one of {BUDGET_SAMPLING} or a budget index, "
+                             f"got {budget_sampling!r}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
         if not 0 <= min_lr_ratio <= 1:
@@ -77,6 +98,9 @@ class VisorLitModule(L.LightningModule):
         self.tasks = list(tasks)
         self.val_task_acc = GroupedAccuracy(self.tasks)
         self.val_difficulty_acc = GroupedAccuracy(["easy", "hard"])
+        self.val_budgets = list(range(n_budgets)) if n_budgets > 1 else []  # evaluated besides the largest
+        self.val_budget_acc = torch.nn.ModuleList(GroupedAccuracy(["easy", "hard"]) for _ in self.val_budgets)
+        self._val_budget_flops: List[List[float]] = [[] for _ in self.val_budgets]
         self.skipped = {"train": Counter(), "val": Counter()}
         self._step_times: List[float] = []
         self.pad_id = 0
@@ -113,8 +137,8 @@ class VisorLitModule(L.LightningModule):
             p.requires_grad_(stage2)
 
     # -- steps ----------------------------------------------------------------------------------
-    def _loss(self, batch: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-        logits = self.lvlm(batch["images"], batch["input_ids"])  # (B, T, vocab)
+    def _loss(self, batch: dict, budget: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits = self.lvlm(batch["images"], batch["input_ids"], budget=budget)  # (B, T, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
         return loss, logits
 
@@ -124,11 +148,31 @@ class VisorLitModule(L.LightningModule):
         self._set_stage()
         self._t0 = time.perf_counter()
 
+    def step_budgets(self, step: int) -> List[int]:
+        """The budgets training step `step` runs (seeded by the step, so a resumed run repeats them)."""
+        plan, mode = self.lvlm.plan, self.hparams.budget_sampling
+        if isinstance(mode, int):
+            return [mode]
+        if mode == "largest":
+            return [plan.largest_budget]
+        rng = random.Random(step)
+        pick = rng.randrange(plan.n_budgets)
+        if mode == "uniform":
+            return [pick]
+        return list(dict.fromkeys([plan.largest_budget, plan.smallest_budget, pick]))  # sandwich
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.skipped["train"].update(batch["skipped"])
-        loss, _ = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["task"]))
-        return loss
+        B = len(batch["task"])
+        total = 0.0
+        budgets = self.step_budgets(self.global_step)
+        for k in budgets:
+            loss, _ = self._loss(batch, k)
+            total = total + loss
+            if len(budgets) > 1 or self.val_budgets:
+                self.log(f"train/loss@budget={k}", loss, batch_size=B)
+        self.log("train/loss", total, prog_bar=True, batch_size=B)
+        return total
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         self._step_times.append(time.perf_counter() - self._t0)
@@ -148,6 +192,13 @@ class VisorLitModule(L.LightningModule):
         flops = [sample_flops(self.lvlm, t) for t in lengths]
         self.log("val/loss", loss, batch_size=B)
         self._val_flops += flops
+        for j, k in enumerate(self.val_budgets):  # every budget of a universal model
+            if k == self.lvlm.plan.largest_budget:
+                self.val_budget_acc[j].update(correct, batch["difficulty"])
+            else:
+                _, logits_k = self._loss(batch, k)
+                self.val_budget_acc[j].update(exact_match(logits_k, batch["labels"]), batch["difficulty"])
+            self._val_budget_flops[j] += [sample_flops(self.lvlm, t, k).llm / 1e9 for t in lengths]
 
     def on_validation_epoch_end(self) -> None:
         tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
@@ -167,7 +218,35 @@ class VisorLitModule(L.LightningModule):
                            + f"; LLM GFLOPs/sample {gflops:.3f}")
         self.val_task_acc.reset()
         self.val_difficulty_acc.reset()
+        self._log_budget_curve()
         self._report_skipped("val")
+
+    def _log_budget_curve(self) -> None:
+        """Per-budget accuracy and GFLOPs: scalars, and (TensorBoard) the curve as a chart and a table."""
+        if not self.val_budgets:
+            return
+        plan, rows = self.lvlm.plan, []
+        for j, k in enumerate(self.val_budgets):
+            acc = {g: float(v) for g, v in self.val_budget_acc[j].compute().items()}
+            gflops = sum(self._val_budget_flops[j]) / max(1, len(self._val_budget_flops[j]))
+            self.val_budget_acc[j].reset()
+            self._val_budget_flops[j] = []
+            self.log(f"val/acc@budget={k}", acc["all"])
+            for g in ("easy", "hard"):
+                self.log(f"val/acc/{g}@budget={k}", acc[g])
+            self.log(f"val/gflops@budget={k}", gflops)
+            rows.append((k, plan.budget_name(k), gflops, acc))
+        experiment = getattr(self.logger, "experiment", None)
+        if self.trainer.sanity_checking or not hasattr(experiment, "add_image"):
+            return
+        chart = xy_chart({g: [(r[2], 100 * r[3][g]) for r in rows] for g in ("all", "easy", "hard")},
+                         title=f"accuracy vs LLM GFLOPs per budget, step {self.global_step}",
+                         xlabel="LLM GFLOPs per sample", ylabel="accuracy %")
+        experiment.add_image("val/acc_vs_gflops", to_tensorboard(chart), self.global_step, dataformats="HWC")
+        table = ["| budget | layers | LLM GFLOPs | acc | easy | hard |", "|---|---|---|---|---|---|"]
+        table += [f"| {k} | {name} | {g:.3f} | {100 * a['all']:.1f} | {100 * a['easy']:.1f} | {100 * a['hard']:.1f} |"
+                  for k, name, g, a in rows]
+        experiment.add_text("val/budgets", "\n".join(table), self.global_step)
 
     def on_train_epoch_end(self) -> None:
         self._report_skipped("train")

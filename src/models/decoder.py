@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from src.models.cross_attention import CrossAttention
 from src.models.norm import RMSNorm
 from src.models.plan import LayerPlan
 from src.ops.attention import causal_self_attention
+from src.ops.layer_skip import gather_rows, scatter_add_rows
 
 # ---------------------------------------------------------------------------------------------
 # Config with named presets (as litgpt's Config.from_name)
@@ -174,11 +175,17 @@ class Decoder(nn.Module):
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_layers))
-        # Cross sublayers exist only at `cross` layers; keyed by layer index.
+        # Cross sublayers exist at `cross` layers (and at optional self layers whose skip kind is
+        # `cross`); keyed by layer index.
         self.cross = nn.ModuleDict(
             {str(i): CrossAttention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.qkv_bias, c.norm_eps)
-             for i in plan.cross_layers}
+             for i in plan.cross_sublayers}
         )
+        # (n_budgets, n_layers) bool: is layer i's optional self path on under budget k.
+        member = torch.zeros(plan.n_budgets, plan.n_layers, dtype=torch.bool)
+        for k, budget in enumerate(plan.budgets):
+            member[k, budget] = True
+        self.register_buffer("budget_members", member, persistent=False)
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -194,46 +201,119 @@ class Decoder(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def init_cross_from_host(self) -> None:
-        """Copy each host layer's attention into its cross sublayer (no-op for cross_init='random').
+    def init_cross_from_host(self, only: Optional[Set[str]] = None) -> None:
+        """Copy each host layer's attention into its cross sublayer (no-op for cross_init='random');
+        `only`: the layer keys to initialise (default all).
 
         Call again after loading base weights into the host layers."""
         if self.cross_init != "host":
             return
         for key, cross in self.cross.items():
+            if only is not None and key not in only:
+                continue
             host = self.layers[int(key)]
             cross.init_from_host(host.attn, host.input_norm)
+
+    def rope(self, V: int, T: int, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (V+T, hd) for positions 0..V+T-1 (visual 0..V-1, text V..)."""
+        return rope_cos_sin(torch.arange(V + T, device=device), self.config.head_dim, self.config.rope_theta, dtype)
 
     def forward(
         self,
         visual: torch.Tensor,
         text: torch.Tensor,
         visual_kv_lens: Optional[torch.Tensor] = None,
+        budget: Optional[Union[int, torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run the plan.
 
         visual (B, V, d): projected visual tokens; text (B, T, d): embedded text tokens;
-        visual_kv_lens (B,) or None: valid visual tokens per sample (cross layers only).
+        visual_kv_lens (B,) or None: valid visual tokens per sample (cross layers only);
+        budget: None (the largest), a budget index for the whole batch, or (B,) int64 indices.
         Returns (text hidden states after the final norm (B, T, d), visual hidden states (B, V, d)).
+        """
+        cos, sin = self.rope(visual.shape[1], text.shape[1], text.device, text.dtype)
+        visual, text = self.run_layers(visual, text, 0, self.config.n_layers, cos, sin, budget, visual_kv_lens)
+        return self.norm(text), visual
+
+    def run_layers(
+        self,
+        visual: torch.Tensor,
+        text: torch.Tensor,
+        start: int,
+        end: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        budget: Optional[Union[int, torch.Tensor]] = None,
+        visual_kv_lens: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Layers [start, end) -> (visual (B, V, d), text (B, T, d)), no final norm.
+
+        cos, sin (V+T, hd) from `rope`. An optional self layer takes the self path for the samples
+        whose budget includes it and its `skip_kind` for the others: with mixed budgets the active
+        samples' rows are gathered, run and scattered back with the residual, so skipped samples do
+        no self-layer work.
         """
         assert visual.dim() == 3 and text.dim() == 3, "visual (B, V, d) and text (B, T, d) expected"
         assert visual.shape[0] == text.shape[0] and visual.shape[2] == text.shape[2] == self.config.d_model
-        if visual_kv_lens is not None and "self" in self.plan.kinds:
+        B, V = visual.shape[0], visual.shape[1]
+        active = self._active(budget, B, text.device)  # (B, n_layers) bool or None (largest)
+        for i in range(start, end):
+            kind = self.plan.kinds[i]
+            if kind == "self" and i in self.plan.optional_self and active is not None:
+                on = active[:, i]
+                n_on = int(on.sum())
+                if n_on == 0:
+                    kind = self.plan.skip_kind
+                elif n_on < B:
+                    visual, text = self._gated_self(i, visual, text, on, cos, sin, visual_kv_lens)
+                    continue
+            if kind == "self" and visual_kv_lens is not None:
+                raise NotImplementedError("per-sample visual lengths are supported by cross layers only")
+            visual, text = self._layer(i, kind, visual, text, cos, sin, visual_kv_lens)
+        return visual, text
+
+    def _active(self, budget, B: int, device: torch.device) -> Optional[torch.Tensor]:
+        """(B, n_layers) bool: optional self layers on per sample; None for the largest budget."""
+        if budget is None:
+            budget = self.plan.largest_budget
+        if isinstance(budget, int):
+            if not 0 <= budget < self.plan.n_budgets:
+                raise IndexError(f"budget {budget} out of range [0, {self.plan.n_budgets})")
+            return self.budget_members[budget].to(device).expand(B, -1)
+        assert budget.shape == (B,) and not budget.is_floating_point(), (
+            f"budget must be an int or a (B,) = ({B},) integer tensor, got {tuple(budget.shape)} {budget.dtype}")
+        return self.budget_members.to(device)[budget.long()]
+
+    def _layer(self, i: int, kind: str, visual, text, cos, sin, visual_kv_lens):
+        """Layer i as `kind` for the whole batch -> (visual, text)."""
+        V = visual.shape[1]
+        if kind == "self":
+            x = self.layers[i](torch.cat([visual, text], dim=1), cos, sin)  # (B, V+T, d)
+            return x[:, :V], x[:, V:]
+        if kind == "cross":
+            text = self.cross[str(i)](text, visual, visual_kv_lens)  # (B, T, d)
+        return visual, self.layers[i](text, cos[V:], sin[V:])  # text keeps positions V.. in every kind
+
+    def _gated_self(self, i: int, visual, text, on: torch.Tensor, cos, sin, visual_kv_lens):
+        """Optional self layer i with per-sample gates on (B,) bool: self path on the `on` rows, the
+        skip kind on the others; each result is added back to the residual stream in place of rows."""
+        if visual_kv_lens is not None:
             raise NotImplementedError("per-sample visual lengths are supported by cross layers only")
-        V, T = visual.shape[1], text.shape[1]
-        hd, theta = self.config.head_dim, self.config.rope_theta
-        positions = torch.arange(V + T, device=text.device)
-        cos, sin = rope_cos_sin(positions, hd, theta, text.dtype)  # (V+T, hd)
-        cos_t, sin_t = cos[V:], sin[V:]  # text keeps positions V.. in every layer kind
-        for i, (kind, layer) in enumerate(zip(self.plan.kinds, self.layers)):
-            if kind == "self":
-                x = layer(torch.cat([visual, text], dim=1), cos, sin)  # (B, V+T, d)
-                visual, text = x[:, :V], x[:, V:]
-            else:
-                if kind == "cross":
-                    text = self.cross[str(i)](text, visual, visual_kv_lens)  # (B, T, d)
-                text = layer(text, cos_t, sin_t)  # (B, T, d)
-        return self.norm(text), visual
+        B, V, d = visual.shape
+        T = text.shape[1]
+        idx_on, idx_off = on.nonzero().squeeze(1), (~on).nonzero().squeeze(1)
+        v_flat, t_flat = visual.reshape(B, V * d), text.reshape(B, T * d)
+        v_on = gather_rows(v_flat, idx_on).view(-1, V, d)
+        t_on = gather_rows(t_flat, idx_on).view(-1, T, d)
+        v_new, t_new = self._layer(i, "self", v_on, t_on, cos, sin, None)
+        v_off = gather_rows(v_flat, idx_off).view(-1, V, d)
+        t_off = gather_rows(t_flat, idx_off).view(-1, T, d)
+        _, t_off_new = self._layer(i, self.plan.skip_kind, v_off, t_off, cos, sin, None)
+        visual = scatter_add_rows(v_flat, idx_on, (v_new - v_on).reshape(-1, V * d)).view(B, V, d)
+        t_flat = scatter_add_rows(t_flat, idx_on, (t_new - t_on).reshape(-1, T * d))
+        text = scatter_add_rows(t_flat, idx_off, (t_off_new - t_off).reshape(-1, T * d)).view(B, T, d)
+        return visual, text
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         """The unmodified LLM over one sequence: x (B, S, d) -> final hidden states (B, S, d).

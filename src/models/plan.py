@@ -10,6 +10,17 @@ or as a rule (every layer not named is `text`)::
 
 `all_self: true` is the original LVLM (every layer `self`). Validation happens in
 `__post_init__`, so a bad plan fails when the YAML is parsed, with the field named.
+
+Budgets. Some `self` layers may be optional (`optional_self`); a budget is one feasible set of
+active optional self layers, and a skipped optional layer runs its base kind (`skip_kind`: `cross`
+or `text`)::
+
+    plan: {n_layers: 6, self_layers: [0, 2, 4], optional_self: [2, 4], cross_layers: [1, 3, 5],
+           budgets: [[], [2], [2, 4]], skip_kind: cross}
+
+Without `budgets`, the feasible sets are the nested prefixes of `optional_self` ([], [o1],
+[o1, o2], ...). Budgets are indexed in the order given; `largest`/`smallest` are by the number of
+active layers (ties: the first listed).
 """
 from __future__ import annotations
 
@@ -31,6 +42,9 @@ class LayerPlan:
     cross_every: Optional[int] = None
     cross_offset: int = 0
     all_self: bool = False
+    optional_self: List[int] = field(default_factory=list)
+    budgets: Optional[List[List[int]]] = None
+    skip_kind: str = "cross"
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_layers, int) or self.n_layers < 1:
@@ -64,10 +78,82 @@ class LayerPlan:
             raise PlanError(f"plan: layers {both} are given two kinds (in self_layers and cross_layers)")
         if not self.self_layers and not self.cross_layers:
             raise PlanError("plan is empty: no self_layers and no cross_layers, so text never reads the image")
+        self._check_budgets()
+
+    def _check_budgets(self) -> None:
+        if self.skip_kind not in ("cross", "text"):
+            raise PlanError(f"plan.skip_kind must be 'cross' or 'text', got {self.skip_kind!r}")
+        for i in self.optional_self:
+            if i not in self.self_layers:
+                raise PlanError(f"plan.optional_self: layer {i!r} is not in self_layers {self.self_layers}")
+        if len(set(self.optional_self)) != len(self.optional_self):
+            raise PlanError(f"plan.optional_self lists a layer twice: {self.optional_self}")
+        self.optional_self = sorted(self.optional_self)
+        if self.budgets is None:
+            self.budgets = [self.optional_self[:n] for n in range(len(self.optional_self) + 1)]
+            return
+        if not self.optional_self:
+            raise PlanError("plan.budgets given but plan.optional_self is empty: there is nothing to choose")
+        if not self.budgets:
+            raise PlanError("plan.budgets is empty: give at least one feasible set of optional self layers")
+        seen = set()
+        for k, budget in enumerate(self.budgets):
+            if not isinstance(budget, (list, tuple)):
+                raise PlanError(f"plan.budgets[{k}] must be a list of layer indices, got {budget!r}")
+            for i in budget:
+                if i not in self.optional_self:
+                    raise PlanError(f"plan.budgets[{k}]: layer {i!r} is not in optional_self {self.optional_self}")
+            key = tuple(sorted(set(budget)))
+            if len(key) != len(budget):
+                raise PlanError(f"plan.budgets[{k}] lists a layer twice: {budget}")
+            if key in seen:
+                raise PlanError(f"plan.budgets[{k}] = {budget} is listed twice")
+            seen.add(key)
+        self.budgets = [sorted(b) for b in self.budgets]
+
+    # --- budgets ------------------------------------------------------------------------------
+
+    @property
+    def n_budgets(self) -> int:
+        return len(self.budgets)
+
+    @property
+    def largest_budget(self) -> int:
+        sizes = [len(b) for b in self.budgets]
+        return sizes.index(max(sizes))
+
+    @property
+    def smallest_budget(self) -> int:
+        sizes = [len(b) for b in self.budgets]
+        return sizes.index(min(sizes))
+
+    @property
+    def first_optional(self) -> Optional[int]:
+        """Index of the first optional self layer (where the budget policy sits), or None."""
+        return self.optional_self[0] if self.optional_self else None
+
+    @property
+    def cross_sublayers(self) -> List[int]:
+        """Layers that own a cross sublayer: the cross layers, and optional self layers skipped to `cross`."""
+        extra = self.optional_self if self.skip_kind == "cross" else []
+        return sorted(set(self.cross_layers) | set(extra))
+
+    def budget_kinds(self, budget: int) -> List[str]:
+        """Every layer's kind when budget `budget` runs (skipped optional layers take `skip_kind`)."""
+        if not 0 <= budget < self.n_budgets:
+            raise IndexError(f"budget {budget} out of range [0, {self.n_budgets})")
+        kinds = self.kinds
+        for i in self.optional_self:
+            if i not in self.budgets[budget]:
+                kinds[i] = self.skip_kind
+        return kinds
+
+    def budget_name(self, budget: int) -> str:
+        return "".join(k[0].upper() for k in self.budget_kinds(budget))
 
     @property
     def kinds(self) -> List[str]:
-        """The kind of every layer, index-aligned with the decoder layers."""
+        """The kind of every layer (optional self layers counted as `self`: the largest budget)."""
         out = ["text"] * self.n_layers
         for i in self.cross_layers:
             out[i] = "cross"

@@ -1,0 +1,227 @@
+"""LightningModule of the policy stage: the universal LVLM frozen, only the budget router trains.
+
+Modes (see src/lit/policy_objectives.py):
+- `reinforce` (default): sample a budget per sample from the router; reward = answer quality
+  (`exact_match`, or `nll`: minus the answer's mean token NLL) - cost_weight x relative LLM FLOPs;
+  baseline `moving_average` or `greedy` (the reward of the router's argmax budget); entropy bonus.
+- `pseudo_label`: every budget is evaluated on the sample; the label is the cheapest budget within
+  `pseudo_label_rel` of the best score; cross-entropy.
+
+Validation runs the router in its inference mode (`inference`: policy | max | min | target | an
+index; `target_cost` for `target`) and logs accuracy per task and difficulty at that operating
+point, mean GFLOPs, the budget histogram overall and per difficulty, the router's entropy and the
+mean reward.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+import torch
+import torch.nn.functional as F
+
+from src.data.generator import TASKS
+from src.flops import sample_flops
+from src.lit.checkpoint_io import load_base_checkpoint
+from src.lit.policy_objectives import MovingAverageBaseline, pseudo_labels, reinforce_loss
+from src.metrics import GroupedAccuracy, exact_match
+from src.models.lvlm import VisorLVLM
+from src.models.policy import select_budgets
+
+log = logging.getLogger(__name__)
+
+MODES = ("reinforce", "pseudo_label")
+REWARDS = ("exact_match", "nll")
+BASELINES = ("moving_average", "greedy")
+
+
+class PolicyLitModule(L.LightningModule):
+    """Args:
+        lvlm: the universal VISOR model with a router (`policy_hidden`) and optional self layers.
+        universal_checkpoint: the exported universal model (safetensors dir); everything but the router.
+        mode, reward, cost_weight, baseline, baseline_momentum, entropy_coef, pseudo_label_rel: see above.
+        inference, target_cost: how validation picks budgets.
+        lr, weight_decay: AdamW on the router.
+    """
+
+    def __init__(
+        self,
+        lvlm: VisorLVLM,
+        universal_checkpoint: str,
+        mode: str = "reinforce",
+        reward: str = "exact_match",
+        cost_weight: float = 0.3,
+        baseline: str = "moving_average",
+        baseline_momentum: float = 0.9,
+        entropy_coef: float = 0.01,
+        pseudo_label_rel: float = 0.99,
+        inference: Union[str, int] = "policy",
+        target_cost: Optional[float] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        tasks: Sequence[str] = TASKS,
+    ) -> None:
+        super().__init__()
+        for name, value, allowed in (("mode", mode, MODES), ("reward", reward, REWARDS),
+                                     ("baseline", baseline, BASELINES)):
+            if value not in allowed:
+                raise ValueError(f"model.{name} must be one of {allowed}, got {value!r}")
+        if cost_weight < 0 or entropy_coef < 0 or lr <= 0:
+            raise ValueError("model.cost_weight and model.entropy_coef must be >= 0 and model.lr > 0")
+        if not 0 < pseudo_label_rel <= 1:
+            raise ValueError(f"model.pseudo_label_rel must be in (0, 1], got {pseudo_label_rel}")
+        if inference == "target" and target_cost is None:
+            raise ValueError("model.inference: target needs model.target_cost (mean relative LLM FLOPs, e.g. 0.6)")
+        if lvlm.policy is None or lvlm.plan.first_optional is None:
+            raise ValueError("the policy stage needs model.lvlm.init_args.policy_hidden and a plan with "
+                             "optional_self layers")
+        if not Path(universal_checkpoint).exists():
+            raise FileNotFoundError(f"model.universal_checkpoint={universal_checkpoint} does not exist: train one with "
+                                    "configs/visor.yaml + configs/universal.yaml (its export is the checkpoint)")
+        self.save_hyperparameters(ignore=["lvlm"])
+        self.lvlm = lvlm
+        router = [n for n, _ in lvlm.named_parameters() if n.startswith("policy.")]
+        load_base_checkpoint(lvlm, universal_checkpoint, may_lack=router)
+        for n, p in lvlm.named_parameters():
+            p.requires_grad_(n.startswith("policy."))
+        self.tasks = list(tasks)
+        self.n_budgets = lvlm.plan.n_budgets
+        self.val_task_acc = GroupedAccuracy(self.tasks)
+        self.val_difficulty_acc = GroupedAccuracy(["easy", "hard"])
+        self.moving_baseline = MovingAverageBaseline(baseline_momentum)
+        self.pad_id = 0
+        self._val: Dict[str, List] = {"budgets": [], "difficulty": [], "gflops": [], "entropy": [], "reward": []}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.lvlm.eval()  # the LVLM is frozen: norm statistics fixed, no dropout
+        return self
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        tok = getattr(dm, "tokenizer", None)
+        self.pad_id = tok.pad_id if tok is not None else 0
+        if dm is not None and dm.hparams.image_size != self.lvlm.vision.image_size:
+            raise ValueError(f"data.image_size={dm.hparams.image_size} differs from "
+                             f"model.init_args.lvlm.init_args.vision.init_args.image_size={self.lvlm.vision.image_size}")
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _prompt_mask(self, batch: dict) -> torch.Tensor:
+        """(B, T) bool: the question tokens (not answers, not padding) the router pools."""
+        return (batch["labels"] == -100) & (batch["input_ids"] != self.pad_id)
+
+    def _costs(self, batch: dict) -> torch.Tensor:
+        """(B, K): each budget's LLM FLOPs for each sample, relative to the largest budget's."""
+        lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
+        largest = self.lvlm.plan.largest_budget
+        rows = [[sample_flops(self.lvlm, t, k).llm / sample_flops(self.lvlm, t, largest).llm
+                 for k in range(self.n_budgets)] for t in lengths]
+        return torch.tensor(rows, device=batch["input_ids"].device)
+
+    def _quality(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) answer quality: exact match in {0, 1}, or minus the mean NLL of the answer tokens."""
+        if self.hparams.reward == "exact_match":
+            return exact_match(logits, labels).float()
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
+        n = (labels != -100).sum(1).clamp_min(1)
+        return -(nll.sum(1) / n)
+
+    def _run(self, batch: dict, choose):
+        return self.lvlm.routed(batch["images"], batch["input_ids"], self._prompt_mask(batch), choose)
+
+    # -- training -------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        h = self.hparams
+        B = batch["input_ids"].shape[0]
+        costs = self._costs(batch)  # (B, K)
+        if h.mode == "pseudo_label":
+            with torch.no_grad():
+                scores = torch.stack([self._quality(self.lvlm(batch["images"], batch["input_ids"], budget=k),
+                                                    batch["labels"]) for k in range(self.n_budgets)], dim=1)
+            labels = pseudo_labels(scores, costs.mean(0), h.pseudo_label_rel)
+            _, router_logits, _ = self._run(batch, lambda logits: labels)
+            loss = F.cross_entropy(router_logits.float(), labels)
+            self.log("train/label_mean_cost", costs.mean(0)[labels].mean(), batch_size=B)
+        else:
+            logits, router_logits, actions = self._run(
+                batch, lambda l: torch.distributions.Categorical(logits=l.detach().float()).sample())
+            reward = self._quality(logits.detach(), batch["labels"]) - h.cost_weight * costs.gather(
+                1, actions[:, None]).squeeze(1)
+            if h.baseline == "greedy":
+                with torch.no_grad():
+                    greedy = router_logits.argmax(-1)
+                    g_logits = self.lvlm(batch["images"], batch["input_ids"], budget=greedy)
+                    base = self._quality(g_logits, batch["labels"]) - h.cost_weight * costs.gather(
+                        1, greedy[:, None]).squeeze(1)
+            else:
+                base = self.moving_baseline(reward)
+            loss, entropy = reinforce_loss(router_logits, actions, reward, base, h.entropy_coef)
+            self.log("train/reward", reward.mean(), prog_bar=True, batch_size=B)
+            self.log("train/entropy", entropy, batch_size=B)
+            self.log("train/mean_cost", costs.gather(1, actions[:, None]).mean(), batch_size=B)
+        self.log("train/loss", loss, batch_size=B)
+        return loss
+
+    # -- validation -----------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        h = self.hparams
+        costs = self._costs(batch)
+        plan = self.lvlm.plan
+
+        def choose(router_logits):
+            return select_budgets(router_logits, h.inference, costs.mean(0), h.target_cost,
+                                  plan.largest_budget, plan.smallest_budget)
+
+        logits, router_logits, budgets = self._run(batch, choose)
+        correct = exact_match(logits, batch["labels"])
+        self.val_task_acc.update(correct, batch["task"])
+        self.val_difficulty_acc.update(correct, batch["difficulty"])
+        lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
+        logp = F.log_softmax(router_logits.float(), -1)
+        reward = self._quality(logits, batch["labels"]) - h.cost_weight * costs.gather(1, budgets[:, None]).squeeze(1)
+        v = self._val
+        v["budgets"] += budgets.tolist()
+        v["difficulty"] += list(batch["difficulty"])
+        v["gflops"] += [sample_flops(self.lvlm, t, int(k)).llm / 1e9 for t, k in zip(lengths, budgets.tolist())]
+        v["entropy"] += (-(logp.exp() * logp).sum(-1)).tolist()
+        v["reward"] += reward.tolist()
+
+    def on_validation_epoch_end(self) -> None:
+        tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
+        for name, acc in {**tasks, **{k: v for k, v in difficulty.items() if k != "all"}}.items():
+            self.log("val/acc" if name == "all" else f"val/acc/{name}", acc)
+        v = self._val
+        n = max(1, len(v["budgets"]))
+        gflops = sum(v["gflops"]) / n
+        self.log("val/gflops", gflops)
+        self.log("val/entropy", sum(v["entropy"]) / n)
+        self.log("val/reward", sum(v["reward"]) / n)
+        budgets = torch.tensor(v["budgets"], dtype=torch.long)
+        for k in range(self.n_budgets):
+            self.log(f"val/budget_frac/{k}", (budgets == k).float().mean() if len(budgets) else 0.0)
+            for g in ("easy", "hard"):
+                sel = torch.tensor([d == g for d in v["difficulty"]], dtype=torch.bool)
+                frac = (budgets[sel] == k).float().mean() if sel.any() else torch.tensor(0.0)
+                self.log(f"val/budget_frac/{g}/{k}", frac)
+        experiment = getattr(self.logger, "experiment", None)
+        if len(budgets) and hasattr(experiment, "add_histogram") and not self.trainer.sanity_checking:
+            experiment.add_histogram("val/budget", budgets, self.global_step, bins=self.n_budgets)
+            for g in ("easy", "hard"):
+                sel = torch.tensor([d == g for d in v["difficulty"]], dtype=torch.bool)
+                if sel.any():
+                    experiment.add_histogram(f"val/budget/{g}", budgets[sel], self.global_step, bins=self.n_budgets)
+        if not self.trainer.sanity_checking:
+            frac = [f"{(budgets == k).float().mean().item():.2f}" for k in range(self.n_budgets)] if len(budgets) else []
+            rank_zero_info(f"[val] step {self.global_step} policy ({self.hparams.inference}): accuracy % "
+                           + ", ".join(f"{k} {100 * float(a):.1f}" for k, a in {**difficulty, **tasks}.items())
+                           + f"; LLM GFLOPs/sample {gflops:.3f}; budget fractions {frac}")
+        self.val_task_acc.reset()
+        self.val_difficulty_acc.reset()
+        self._val = {k: [] for k in self._val}
+
+    def configure_optimizers(self):
+        params = [p for p in self.lvlm.policy.parameters()]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,89 @@
+"""The budget policy: a small MLP router that picks a budget per sample, and how it is used.
+
+It sits before the first optional self layer and reads the hidden states there: the mean of the
+sample's prompt (question) tokens and the mean of its visual tokens. Its output layer starts at
+zero, so an untrained router is uniform over budgets.
+
+Inference modes (`select_budgets`): `policy` (argmax), `max` / `min` (the largest / smallest
+budget), a fixed budget index, and `target` — the router's logits shifted by mu x relative cost,
+with mu >= 0 the smallest value whose argmax choices meet a mean relative cost over the batch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+
+class BudgetPolicy(nn.Module):
+    """(text hidden (B, T, d), text mask (B, T) bool, visual hidden (B, V, d)) -> logits (B, n_budgets)."""
+
+    def __init__(self, d_model: int, n_budgets: int, hidden: int = 128) -> None:
+        super().__init__()
+        if n_budgets < 2:
+            raise ValueError(f"policy: the plan has {n_budgets} budget(s); a router needs at least 2")
+        if hidden < 1:
+            raise ValueError(f"policy.hidden must be >= 1, got {hidden}")
+        self.n_budgets = n_budgets
+        self.norm = nn.LayerNorm(2 * d_model)
+        self.fc1 = nn.Linear(2 * d_model, hidden)
+        self.fc2 = nn.Linear(hidden, n_budgets)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, text: torch.Tensor, text_mask: Optional[torch.Tensor], visual: torch.Tensor) -> torch.Tensor:
+        assert text.dim() == 3 and visual.dim() == 3 and text.shape[0] == visual.shape[0], (
+            f"text (B, T, d) and visual (B, V, d) expected, got {tuple(text.shape)}, {tuple(visual.shape)}")
+        if text_mask is None:
+            text_pool = text.mean(1)
+        else:
+            assert text_mask.shape == text.shape[:2], f"text_mask must be (B, T), got {tuple(text_mask.shape)}"
+            m = text_mask.to(text.dtype).unsqueeze(-1)  # (B, T, 1)
+            text_pool = (text * m).sum(1) / m.sum(1).clamp_min(1.0)
+        x = torch.cat([text_pool, visual.mean(1)], dim=-1)  # (B, 2d)
+        return self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))  # (B, n_budgets)
+
+
+def select_budgets(logits: torch.Tensor, mode: Union[str, int], costs: torch.Tensor,
+                   target: Optional[float] = None, largest: int = -1, smallest: int = 0) -> torch.Tensor:
+    """logits (B, K), costs (K,) relative (largest budget = 1) -> budget indices (B,) int64.
+
+    mode: 'policy' | 'max' | 'min' | 'target' (needs `target`, a mean relative cost) | a budget index.
+    """
+    B, K = logits.shape
+    assert costs.shape == (K,), f"costs must be (K,) = ({K},), got {tuple(costs.shape)}"
+    if isinstance(mode, int):
+        if not 0 <= mode < K:
+            raise ValueError(f"policy mode: budget {mode} out of range [0, {K})")
+        return torch.full((B,), mode, dtype=torch.long, device=logits.device)
+    if mode == "policy":
+        return logits.argmax(-1)
+    if mode in ("max", "min"):
+        k = (largest % K) if mode == "max" else smallest
+        return torch.full((B,), k, dtype=torch.long, device=logits.device)
+    if mode == "target":
+        if target is None:
+            raise ValueError("policy mode 'target' needs a target mean relative cost (policy.target_cost)")
+        return _meet_target(logits, costs.to(logits), target)
+    raise ValueError(f"policy mode must be 'policy', 'max', 'min', 'target' or a budget index, got {mode!r}")
+
+
+def _meet_target(logits: torch.Tensor, costs: torch.Tensor, target: float, iters: int = 40) -> torch.Tensor:
+    """argmax(logits - mu * costs) with the smallest mu >= 0 whose mean cost is <= target (bisection;
+    the mean cost of the choices does not increase with mu)."""
+    def choose(mu: float) -> torch.Tensor:
+        return (logits - mu * costs).argmax(-1)
+
+    if costs[choose(0.0)].mean() <= target:
+        return choose(0.0)
+    lo, hi = 0.0, 1.0
+    while costs[choose(hi)].mean() > target and hi < 1e6:
+        lo, hi = hi, hi * 4
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if costs[choose(mid)].mean() > target:
+            lo = mid
+        else:
+            hi = mid
+    return choose(hi)

@@ -1,0 +1,46 @@
+"""Charts for TensorBoard images and result PNGs (matplotlib, headless Agg backend).
+
+`xy_chart` draws lines (an accuracy-vs-GFLOPs curve over budgets) and labelled single points (a
+policy's operating point, token-reduction baselines).
+"""
+from __future__ import annotations
+
+import io
+from typing import Dict, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+Point = Tuple[float, float]
+
+
+def xy_chart(lines: Dict[str, Sequence[Point]], points: Optional[Dict[str, Point]] = None, title: str = "",
+             xlabel: str = "", ylabel: str = "", size: Tuple[float, float] = (7.2, 4.8)) -> Image.Image:
+    """Lines (name -> points, drawn in x order with markers) and labelled points -> RGB image."""
+    points = points or {}
+    if not any(lines.values()) and not points:
+        raise ValueError("xy_chart: nothing to draw")
+    fig, ax = plt.subplots(figsize=size, dpi=100)
+    for name, pts in lines.items():
+        pts = sorted(pts)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+    for name, (x, y) in points.items():
+        ax.scatter([x], [y], marker="s", s=60, label=name, zorder=3)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def to_tensorboard(img: Image.Image) -> np.ndarray:
+    """HWC uint8 array for SummaryWriter.add_image(..., dataformats='HWC')."""
+    return np.asarray(img.convert("RGB"))
