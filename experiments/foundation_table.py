@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import csv
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.tb_scalars import latest_scalars  # noqa: E402
+from experiments.runs import run_fit, run_logdir  # noqa: E402
+from experiments.tb_scalars import latest_scalars, scalar_values  # noqa: E402
 from src.data.generator import TASKS  # noqa: E402
 
 ROWS = {
@@ -30,32 +30,16 @@ ROWS = {
 
 
 def row_logdir(name: str) -> Path:
-    return ROOT / "outputs" / "table" / name / "run"
-
-
-def run_row(name: str, steps: int | None, python: str) -> Path:
-    logdir = row_logdir(name)
-    done = logdir / "DONE"
-    if done.exists():
-        print(f"[{name}] finished earlier: {logdir}")
-        return logdir
-    cmd = [python, "-m", "src.cli", "fit", *ROWS[name],
-           "--trainer.logger.init_args.save_dir", "outputs/table", "--trainer.logger.init_args.name", name,
-           "--trainer.logger.init_args.version", "run"]
-    if steps:
-        cmd += ["--trainer.max_steps", str(steps)]
-    print(f"[{name}] {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    done.write_text("ok\n")
-    return logdir
+    return run_logdir("table", name)
 
 
 def row_metrics(logdir: Path) -> dict:
     s = latest_scalars(str(logdir))
     val = {k: v.value for k, v in s.items()}
     out = {f"acc/{t}": val.get(f"val/acc/{t}") for t in TASKS}
+    speeds = sorted(scalar_values(str(logdir), "train/steps_per_sec"))
     out.update({"acc/easy": val.get("val/acc/easy"), "acc/hard": val.get("val/acc/hard"),
-                "llm_gflops": val.get("val/gflops"), "steps_per_sec": val.get("train/steps_per_sec"),
+                "llm_gflops": val.get("val/gflops"), "steps_per_sec": speeds[len(speeds) // 2] if speeds else None,
                 "step": max(v.step for v in s.values())})
     return out
 
@@ -79,7 +63,7 @@ def write_table(results: dict, out_dir: Path) -> str:
             w.writerow([name] + [m.get(c) for c in cols])
     header = (f"Machine: {platform.node()} ({platform.processor() or platform.machine()}), CPU only. "
               "Accuracy in %, exact match on the validation split; LLM GFLOPs per sample (analytical); "
-              "savings = full / row LLM GFLOPs; steps/s over the last 20 training steps.\n\n")
+              "savings = full / row LLM GFLOPs; steps/s: the median over the run of 20-step averages.\n\n")
     text = header + "\n".join(lines) + "\n"
     (out_dir / "foundation.md").write_text(text)
     return text
@@ -99,7 +83,7 @@ def main() -> None:
     for name in names:
         logdir = row_logdir(name)
         if not args.table_only:
-            run_row(name, args.steps, sys.executable)
+            run_fit("table", name, ROWS[name], args.steps)
         if logdir.exists():
             results[name] = row_metrics(logdir)
     print(write_table(results, ROOT / "experiments" / "results"))

@@ -61,7 +61,7 @@ class VisorLitModule(L.LightningModule):
         weight_decay: float = 0.05,
         betas: Tuple[float, float] = (0.9, 0.95),
         tasks: Sequence[str] = TASKS,
-        budget_sampling: Union[str, int] = "largest",
+        budget_sampling: Union[int, str] = "largest",
     ) -> None:
         super().__init__()
         n_budgets = lvlm.plan.n_budgets

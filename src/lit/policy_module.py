@@ -58,7 +58,7 @@ class PolicyLitModule(L.LightningModule):
         baseline_momentum: float = 0.9,
         entropy_coef: float = 0.01,
         pseudo_label_rel: float = 0.99,
-        inference: Union[str, int] = "policy",
+        inference: Union[int, str] = "policy",
         target_cost: Optional[float] = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,

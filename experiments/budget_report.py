@@ -1,0 +1,115 @@
+"""The budgets-and-policy comparison, side by side with one training budget per row.
+
+    python experiments/budget_report.py [--steps N] [--only universal,fixed0,...] [--table-only]
+
+Rows (each a LightningCLI fit under outputs/budgets/<row>, resumable):
+- universal: configs/visor.yaml + configs/universal.yaml (one random budget per step), every
+  budget evaluated;
+- fixed<k>: the same recipe trained only at budget k (model.budget_sampling: k);
+- policy_reinforce / policy_pseudo: configs/policy.yaml on the universal export.
+Writes experiments/results/budgets.{md,csv} and budgets.png (accuracy vs LLM GFLOPs: the
+universal curve, the fixed-budget points, the policies' operating points) and the budget
+histogram per difficulty of each policy.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.runs import run_fit, run_logdir  # noqa: E402
+from experiments.tb_scalars import latest_scalars  # noqa: E402
+from src.plots import xy_chart  # noqa: E402
+
+GROUP = "budgets"
+N_BUDGETS = 3  # configs/universal.yaml: S C T C T C, S C S C T C, S C S C S C
+UNIVERSAL = ["--config", "configs/visor.yaml", "--config", "configs/universal.yaml"]
+EXPORT = "outputs/universal/export"  # configs/universal.yaml's ExportCheckpoint
+
+
+def rows() -> dict:
+    out = {"universal": UNIVERSAL}
+    for k in range(N_BUDGETS):
+        # trained at budget k only; its export must not replace the universal one
+        out[f"fixed{k}"] = UNIVERSAL + ["--model.budget_sampling", str(k), "--trainer.callbacks.dirpath",
+                                        f"outputs/{GROUP}/fixed{k}_export"]
+    for mode, name in (("reinforce", "policy_reinforce"), ("pseudo_label", "policy_pseudo")):
+        out[name] = ["--config", "configs/policy.yaml", "--model.init_args.universal_checkpoint", EXPORT,
+                     "--model.init_args.mode", mode]
+    return out
+
+
+def collect(names) -> list:
+    """One record per (row, budget or operating point)."""
+    records = []
+    for name in names:
+        logdir = run_logdir(GROUP, name)
+        if not logdir.exists():
+            continue
+        s = {k: v.value for k, v in latest_scalars(str(logdir)).items()}
+        if name == "universal" or name.startswith("fixed"):
+            budgets = range(N_BUDGETS) if name == "universal" else [int(name[len("fixed"):])]
+            for k in budgets:
+                records.append({"row": name, "budget": k, "acc": s.get(f"val/acc@budget={k}"),
+                                "easy": s.get(f"val/acc/easy@budget={k}"), "hard": s.get(f"val/acc/hard@budget={k}"),
+                                "gflops": s.get(f"val/gflops@budget={k}")})
+        else:
+            rec = {"row": name, "budget": "policy", "acc": s.get("val/acc"), "easy": s.get("val/acc/easy"),
+                   "hard": s.get("val/acc/hard"), "gflops": s.get("val/gflops")}
+            for g in ("easy", "hard"):
+                rec[f"budget_frac/{g}"] = [s.get(f"val/budget_frac/{g}/{k}") for k in range(N_BUDGETS)]
+            records.append(rec)
+    return records
+
+
+def write(records: list, out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = ["| row | budget | acc | easy | hard | LLM GFLOPs | budgets chosen (easy) | budgets chosen (hard) |",
+             "|---|---|---|---|---|---|---|---|"]
+    with open(out_dir / "budgets.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "budget", "acc", "easy", "hard", "gflops", "frac_easy", "frac_hard"])
+        for r in records:
+            fe, fh = r.get("budget_frac/easy", ""), r.get("budget_frac/hard", "")
+            fmt = lambda fr: " / ".join("-" if x is None else f"{x:.2f}" for x in fr) if fr else ""  # noqa: E731
+            g = "-" if r["gflops"] is None else f"{r['gflops']:.3f}"
+            lines.append(f"| {r['row']} | {r['budget']} | {pct(r['acc'])} | {pct(r['easy'])} | {pct(r['hard'])} | "
+                         f"{g} | {fmt(fe)} | {fmt(fh)} |")
+            w.writerow([r["row"], r["budget"], r["acc"], r["easy"], r["hard"], r["gflops"], fmt(fe), fmt(fh)])
+    curve = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"] == "universal" and r["acc"] is not None]
+    fixed = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"].startswith("fixed") and r["acc"] is not None]
+    points = {r["row"]: (r["gflops"], 100 * r["acc"]) for r in records
+              if r["row"].startswith("policy") and r["acc"] is not None}
+    if curve or fixed or points:
+        xy_chart({"universal (every budget)": curve, "trained at one budget": fixed}, points,
+                 title="accuracy vs LLM GFLOPs per sample", xlabel="LLM GFLOPs per sample",
+                 ylabel="accuracy %").save(out_dir / "budgets.png")
+    text = "\n".join(lines) + "\n"
+    (out_dir / "budgets.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps for every row")
+    ap.add_argument("--only", default=",".join(rows()), help="comma-separated rows")
+    ap.add_argument("--table-only", action="store_true", help="only (re)write the table from finished runs")
+    args = ap.parse_args()
+    table = rows()
+    names = [n for n in args.only.split(",") if n]
+    unknown = set(names) - set(table)
+    if unknown:
+        sys.exit(f"--only: unknown rows {sorted(unknown)}; known: {list(table)}")
+    if not args.table_only:
+        for name in names:
+            run_fit(GROUP, name, table[name], args.steps)
+    print(write(collect(names), ROOT / "experiments" / "results"))
+
+
+if __name__ == "__main__":
+    main()

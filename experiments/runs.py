@@ -1,0 +1,35 @@
+"""Run LightningCLI fits one after another, each with its own TensorBoard directory, resumably.
+
+`run_fit(group, name, args)` runs `python -m src.cli fit <args>` with its logger at
+outputs/<group>/<name>/run; a run that finished earlier (a DONE file beside its logs) is not rerun.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_logdir(group: str, name: str) -> Path:
+    return ROOT / "outputs" / group / name / "run"
+
+
+def run_fit(group: str, name: str, args: List[str], steps: Optional[int] = None,
+            python: str = sys.executable) -> Path:
+    logdir = run_logdir(group, name)
+    done = logdir / "DONE"
+    if done.exists():
+        print(f"[{name}] finished earlier: {logdir}", flush=True)
+        return logdir
+    cmd = [python, "-m", "src.cli", "fit", *args,
+           "--trainer.logger.init_args.save_dir", f"outputs/{group}", "--trainer.logger.init_args.name", name,
+           "--trainer.logger.init_args.version", "run"]
+    if steps:
+        cmd += ["--trainer.max_steps", str(steps)]
+    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    done.write_text("ok\n")
+    return logdir
