@@ -25,11 +25,16 @@ def xy_chart(lines: Dict[str, Sequence[Point]], points: Optional[Dict[str, Point
     if not any(lines.values()) and not points:
         raise ValueError("xy_chart: nothing to draw")
     fig, ax = plt.subplots(figsize=size, dpi=100)
+    k = 0
     for name, pts in lines.items():
+        if not pts:
+            continue
         pts = sorted(pts)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name, color=f"C{k}")
+        k += 1
     for name, (x, y) in points.items():
-        ax.scatter([x], [y], marker="s", s=60, label=name, zorder=3)
+        ax.scatter([x], [y], marker="s", s=60, label=name, zorder=3, color=f"C{k}")
+        k += 1
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
