@@ -52,6 +52,26 @@ inline CrossAttnShape check_cross_attention_inputs(const at::Tensor& q, const at
   return {q.size(0), H, Hkv, H / Hkv, q.size(2), k.size(2), q.size(3)};
 }
 
+// The backward's extra inputs: grad_out and out shaped like q, lse (B, H, T).
+inline CrossAttnShape check_cross_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
+                                                            const at::Tensor& k, const at::Tensor& v,
+                                                            const at::Tensor& out, const at::Tensor& lse,
+                                                            const std::optional<at::Tensor>& kv_lens) {
+  const CrossAttnShape s = check_cross_attention_inputs(q, k, v, kv_lens);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == q.sizes(),
+              "cross_attention_backward: grad_out and out must be shaped like q");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.H, s.T}), "cross_attention_backward: lse must be (B, H, T)");
+  return s;
+}
+
+// Delta = rowsum(dO * O) - dlse (B, H, T), contiguous in `acc_type`: with it, dS = P * (dP - Delta).
+inline at::Tensor backward_delta(const at::Tensor& dout, const at::Tensor& out,
+                                 const std::optional<at::Tensor>& grad_lse, at::ScalarType acc_type) {
+  auto delta = (dout.to(acc_type) * out.to(acc_type)).sum(-1);
+  if (grad_lse.has_value()) delta = delta - grad_lse->to(acc_type);
+  return delta.contiguous();
+}
+
 // Valid key count per sample, clamped to [0, V], as int32 on the inputs' device.
 inline at::Tensor clamped_kv_lens(const std::optional<at::Tensor>& kv_lens, const CrossAttnShape& s,
                                   const at::Device& device) {

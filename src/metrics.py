@@ -46,3 +46,11 @@ class GroupedAccuracy(Metric):
         out = {g: self.correct[i] / self.total[i] for i, g in enumerate(self.groups) if self.total[i] > 0}
         out["all"] = self.correct.sum() / self.total.sum().clamp(min=1)
         return out
+
+
+def accuracy_logs(tasks: Dict[str, torch.Tensor], difficulty: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Log keys of a validation epoch: val/acc (overall), val/acc/<task>, val/acc/<easy|hard>, from the
+    `compute()` of a per-task and a per-difficulty GroupedAccuracy."""
+    out = {("val/acc" if name == "all" else f"val/acc/{name}"): acc for name, acc in tasks.items()}
+    out.update({f"val/acc/{name}": acc for name, acc in difficulty.items() if name != "all"})
+    return out

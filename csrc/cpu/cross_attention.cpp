@@ -154,15 +154,6 @@ inline void scale(acc_t a, acc_t* y, int64_t n) {
   for (; i < n; ++i) y[i] *= a;
 }
 
-// p[0:n] = exp(p[0:n] - shift), n a multiple of the vector width (padding is computed and ignored).
-inline void exp_shifted(float* p, int64_t n, float shift) {
-  using Vec = at::vec::Vectorized<float>;
-  for (int64_t i = 0; i < n; i += Vec::size()) (Vec::loadu(p + i) - Vec(shift)).exp_u20().store(p + i);
-}
-inline void exp_shifted(double* p, int64_t n, double shift) {  // float64 is for gradcheck: exact std::exp
-  for (int64_t i = 0; i < n; ++i) p[i] = std::exp(p[i] - shift);
-}
-
 // p[0:n] = exp(p[0:n] - shift[0:n]); sum[0:n] += p[0:n] unless sum is null. n a multiple of the width.
 inline void exp_shifted_add(float* p, const float* shift, float* sum, int64_t n) {
   using Vec = at::vec::Vectorized<float>;
@@ -461,10 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& kv_lens, double scale) {
-  const CrossAttnShape s = check_cross_attention_inputs(q_in, k_in, v_in, kv_lens);
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == q_in.sizes(),
-              "cross_attention_backward: grad_out and out must be shaped like q");
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.H, s.T}), "cross_attention_backward: lse must be (B, H, T)");
+  const CrossAttnShape s = check_cross_attention_backward_inputs(grad_out, q_in, k_in, v_in, out, lse, kv_lens);
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const auto dout = last_dim_contiguous(grad_out.to(q.scalar_type()));
   const auto acc_type = at::toOpMathType(q.scalar_type());
@@ -473,9 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
   auto dk = at::zeros({s.B, s.Hkv, s.V, s.hd}, fopts);
   auto dv = at::zeros({s.B, s.Hkv, s.V, s.hd}, fopts);
   if (q.numel() > 0 && k.numel() > 0) {
-    auto delta = (dout.to(acc_type) * out.to(acc_type)).sum(-1);  // (B, H, T)
-    if (grad_lse.has_value()) delta = delta - grad_lse->to(acc_type);
-    delta = delta.contiguous();
+    const auto delta = backward_delta(dout, out, grad_lse, acc_type);  // (B, H, T)
     const auto lse_a = lse.to(acc_type).contiguous();
     const auto lens = clamped_kv_lens(kv_lens, s, q.device());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cross_attention_backward_cpu", [&] {

@@ -11,6 +11,13 @@
 
 namespace visor {
 
+// Every index in [0, N): a row outside would be read or written out of bounds. Names the bad index.
+static void check_rows_in_range(const int64_t* ip, int64_t K, int64_t N, const char* op) {
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(ip[k] >= 0 && ip[k] < N, op, ": index ", ip[k], " out of range [0, ", N, ")");
+  }
+}
+
 // Parallel over column blocks, serial over rows inside a block: duplicate indices never race.
 at::Tensor scatter_add_rows_cpu(const at::Tensor& x, const at::Tensor& index, const at::Tensor& delta) {
   check_scatter_add_rows_inputs(x, index, delta);
@@ -19,9 +26,7 @@ at::Tensor scatter_add_rows_cpu(const at::Tensor& x, const at::Tensor& index, co
   auto idx = index.contiguous();
   const int64_t N = x.size(0), K = d.size(0), D = x.size(1);
   const int64_t* ip = idx.data_ptr<int64_t>();
-  for (int64_t k = 0; k < K; ++k) {
-    TORCH_CHECK(ip[k] >= 0 && ip[k] < N, "scatter_add_rows: index ", ip[k], " out of range [0, ", N, ")");
-  }
+  check_rows_in_range(ip, K, N, "scatter_add_rows");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_add_rows_cpu", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* dp = d.data_ptr<scalar_t>();
@@ -46,9 +51,7 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index) {
   auto idx = index.contiguous();
   const int64_t N = x.size(0), K = idx.size(0), D = x.size(1);
   const int64_t* ip = idx.data_ptr<int64_t>();
-  for (int64_t k = 0; k < K; ++k) {
-    TORCH_CHECK(ip[k] >= 0 && ip[k] < N, "gather_rows: index ", ip[k], " out of range [0, ", N, ")");
-  }
+  check_rows_in_range(ip, K, N, "gather_rows");
   auto out = at::empty({K, D}, x.options());
   if (K * D == 0) return out;
   const int64_t bytes = D * static_cast<int64_t>(x.element_size());

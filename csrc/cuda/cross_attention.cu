@@ -413,10 +413,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse,
     const std::optional<at::Tensor>& kv_lens, double scale) {
-  const CrossAttnShape cs = check_cross_attention_inputs(q_in, k_in, v_in, kv_lens);
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == q_in.sizes(),
-              "cross_attention_backward: grad_out and out must be shaped like q");
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({cs.B, cs.H, cs.T}), "cross_attention_backward: lse must be (B, H, T)");
+  const CrossAttnShape cs = check_cross_attention_backward_inputs(grad_out, q_in, k_in, v_in, out, lse, kv_lens);
   c10::cuda::CUDAGuard guard(q_in.device());
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const auto dout = last_dim_contiguous(grad_out.to(q.scalar_type()));
@@ -425,9 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cuda(
   auto dk = at::zeros({cs.B, cs.Hkv, cs.V, cs.hd}, q.options().dtype(acc_type));
   auto dv = at::zeros_like(dk);
   if (q.numel() > 0 && k.numel() > 0) {
-    auto delta = (dout.to(acc_type) * out.to(acc_type)).sum(-1);  // (B, H, T)
-    if (grad_lse.has_value()) delta = delta - grad_lse->to(acc_type);
-    delta = delta.contiguous();
+    const auto delta = backward_delta(dout, out, grad_lse, acc_type);  // (B, H, T)
     const auto lse_a = lse.to(acc_type).contiguous();
     const Dims s = dims_of(cs);
     const auto lens = clamped_kv_lens(kv_lens, cs, q.device());

@@ -18,6 +18,11 @@ __global__ void scatter_add_rows_kernel(scalar_t* __restrict__ out, const scalar
   gpuAtomicAdd(out + index[k] * D + c, delta[i]);  // atomics: duplicate indices accumulate
 }
 
+// Every index in [0, N), at the cost of one sync: a row outside would be read or written out of bounds.
+static void check_rows_in_range(const at::Tensor& idx, int64_t N, const char* op) {
+  TORCH_CHECK(((idx >= 0) & (idx < N)).all().item<bool>(), op, ": index out of range [0, ", N, ")");
+}
+
 at::Tensor scatter_add_rows_cuda(const at::Tensor& x, const at::Tensor& index, const at::Tensor& delta) {
   check_scatter_add_rows_inputs(x, index, delta);
   c10::cuda::CUDAGuard guard(x.device());
@@ -26,8 +31,7 @@ at::Tensor scatter_add_rows_cuda(const at::Tensor& x, const at::Tensor& index, c
   auto idx = index.contiguous();
   const int64_t K = d.size(0), D = x.size(1);
   if (K * D == 0) return out;
-  TORCH_CHECK(((idx >= 0) & (idx < x.size(0))).all().item<bool>(), "scatter_add_rows: index out of range [0, ",
-              x.size(0), ")");  // one sync: an out-of-range row would write outside `out`
+  check_rows_in_range(idx, x.size(0), "scatter_add_rows");
   const int threads = 256;
   const int64_t blocks = (K * D + threads - 1) / threads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scatter_add_rows_cuda", [&] {
@@ -54,8 +58,7 @@ at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index) {
   const int64_t K = idx.size(0), D = x.size(1);
   auto out = at::empty({K, D}, x.options());
   if (K * D == 0) return out;
-  TORCH_CHECK(((idx >= 0) & (idx < x.size(0))).all().item<bool>(), "gather_rows: index out of range [0, ",
-              x.size(0), ")");
+  check_rows_in_range(idx, x.size(0), "gather_rows");
   const int threads = 256;
   const int64_t blocks = (K * D + threads - 1) / threads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_rows_cuda", [&] {

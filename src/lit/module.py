@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from src.data.generator import TASKS
 from src.flops import SampleFlops, sample_flops
 from src.lit.checkpoint_io import load_base_checkpoint
-from src.metrics import GroupedAccuracy, exact_match
+from src.metrics import GroupedAccuracy, accuracy_logs, exact_match
 from src.models.lvlm import VisorLVLM
 from src.plots import to_tensorboard, xy_chart
 
@@ -202,11 +202,7 @@ class VisorLitModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
-        for name, acc in tasks.items():
-            self.log(f"val/acc/{name}" if name != "all" else "val/acc", acc)
-        for name, acc in difficulty.items():
-            if name != "all":
-                self.log(f"val/acc/{name}", acc)
+        self.log_dict(accuracy_logs(tasks, difficulty))
         n = max(1, len(self._val_flops))  # per-sample means over the whole validation set
         gflops = sum(f.llm for f in self._val_flops) / n / 1e9
         self.log("val/gflops", gflops)

@@ -27,7 +27,7 @@ from src.data.generator import TASKS
 from src.flops import sample_flops
 from src.lit.checkpoint_io import load_base_checkpoint
 from src.lit.policy_objectives import MovingAverageBaseline, pseudo_labels, reinforce_loss
-from src.metrics import GroupedAccuracy, exact_match
+from src.metrics import GroupedAccuracy, accuracy_logs, exact_match
 from src.models.lvlm import VisorLVLM
 from src.models.policy import select_budgets
 
@@ -113,13 +113,21 @@ class PolicyLitModule(L.LightningModule):
         """(B, T) bool: the question tokens (not answers, not padding) the router pools."""
         return (batch["labels"] == -100) & (batch["input_ids"] != self.pad_id)
 
-    def _costs(self, batch: dict) -> torch.Tensor:
-        """(B, K): each budget's LLM FLOPs for each sample, relative to the largest budget's."""
+    def _budget_flops(self, batch: dict) -> torch.Tensor:
+        """(B, K) float64: every budget's LLM FLOPs for each sample (at its own text length)."""
         lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
+        rows = [[sample_flops(self.lvlm, t, k).llm for k in range(self.n_budgets)] for t in lengths]
+        return torch.tensor(rows, dtype=torch.float64, device=batch["input_ids"].device)
+
+    def _costs(self, flops: torch.Tensor) -> torch.Tensor:
+        """(B, K) budget FLOPs -> relative to the largest budget's, float32."""
         largest = self.lvlm.plan.largest_budget
-        rows = [[sample_flops(self.lvlm, t, k).llm / sample_flops(self.lvlm, t, largest).llm
-                 for k in range(self.n_budgets)] for t in lengths]
-        return torch.tensor(rows, device=batch["input_ids"].device)
+        return (flops / flops[:, largest:largest + 1]).float()
+
+    def _reward(self, logits: torch.Tensor, labels: torch.Tensor, costs: torch.Tensor,
+                budgets: torch.Tensor) -> torch.Tensor:
+        """(B,) answer quality - cost_weight x the chosen budget's relative cost."""
+        return self._quality(logits, labels) - self.hparams.cost_weight * costs.gather(1, budgets[:, None]).squeeze(1)
 
     def _quality(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B,) answer quality: exact match in {0, 1}, or minus the mean NLL of the answer tokens."""
@@ -136,7 +144,7 @@ class PolicyLitModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         h = self.hparams
         B = batch["input_ids"].shape[0]
-        costs = self._costs(batch)  # (B, K)
+        costs = self._costs(self._budget_flops(batch))  # (B, K)
         if h.mode == "pseudo_label":
             with torch.no_grad():
                 scores = torch.stack([self._quality(self.lvlm(batch["images"], batch["input_ids"], budget=k),
@@ -148,14 +156,12 @@ class PolicyLitModule(L.LightningModule):
         else:
             logits, router_logits, actions = self._run(
                 batch, lambda l: torch.distributions.Categorical(logits=l.detach().float()).sample())
-            reward = self._quality(logits.detach(), batch["labels"]) - h.cost_weight * costs.gather(
-                1, actions[:, None]).squeeze(1)
+            reward = self._reward(logits.detach(), batch["labels"], costs, actions)
             if h.baseline == "greedy":
                 with torch.no_grad():
                     greedy = router_logits.argmax(-1)
                     g_logits = self.lvlm(batch["images"], batch["input_ids"], budget=greedy)
-                    base = self._quality(g_logits, batch["labels"]) - h.cost_weight * costs.gather(
-                        1, greedy[:, None]).squeeze(1)
+                    base = self._reward(g_logits, batch["labels"], costs, greedy)
             else:
                 base = self.moving_baseline(reward)
             loss, entropy = reinforce_loss(router_logits, actions, reward, base, h.entropy_coef)
@@ -168,7 +174,8 @@ class PolicyLitModule(L.LightningModule):
     # -- validation -----------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         h = self.hparams
-        costs = self._costs(batch)
+        flops = self._budget_flops(batch)  # (B, K)
+        costs = self._costs(flops)
         plan = self.lvlm.plan
 
         def choose(router_logits):
@@ -179,20 +186,18 @@ class PolicyLitModule(L.LightningModule):
         correct = exact_match(logits, batch["labels"])
         self.val_task_acc.update(correct, batch["task"])
         self.val_difficulty_acc.update(correct, batch["difficulty"])
-        lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
         logp = F.log_softmax(router_logits.float(), -1)
-        reward = self._quality(logits, batch["labels"]) - h.cost_weight * costs.gather(1, budgets[:, None]).squeeze(1)
+        reward = self._reward(logits, batch["labels"], costs, budgets)
         v = self._val
         v["budgets"] += budgets.tolist()
         v["difficulty"] += list(batch["difficulty"])
-        v["gflops"] += [sample_flops(self.lvlm, t, int(k)).llm / 1e9 for t, k in zip(lengths, budgets.tolist())]
+        v["gflops"] += (flops.gather(1, budgets[:, None]).squeeze(1) / 1e9).tolist()
         v["entropy"] += (-(logp.exp() * logp).sum(-1)).tolist()
         v["reward"] += reward.tolist()
 
     def on_validation_epoch_end(self) -> None:
         tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
-        for name, acc in {**tasks, **{k: v for k, v in difficulty.items() if k != "all"}}.items():
-            self.log("val/acc" if name == "all" else f"val/acc/{name}", acc)
+        self.log_dict(accuracy_logs(tasks, difficulty))
         v = self._val
         n = max(1, len(v["budgets"]))
         gflops = sum(v["gflops"]) / n
@@ -200,17 +205,16 @@ class PolicyLitModule(L.LightningModule):
         self.log("val/entropy", sum(v["entropy"]) / n)
         self.log("val/reward", sum(v["reward"]) / n)
         budgets = torch.tensor(v["budgets"], dtype=torch.long)
+        by_difficulty = {g: torch.tensor([d == g for d in v["difficulty"]], dtype=torch.bool) for g in ("easy", "hard")}
         for k in range(self.n_budgets):
             self.log(f"val/budget_frac/{k}", (budgets == k).float().mean() if len(budgets) else 0.0)
-            for g in ("easy", "hard"):
-                sel = torch.tensor([d == g for d in v["difficulty"]], dtype=torch.bool)
+            for g, sel in by_difficulty.items():
                 frac = (budgets[sel] == k).float().mean() if sel.any() else torch.tensor(0.0)
                 self.log(f"val/budget_frac/{g}/{k}", frac)
         experiment = getattr(self.logger, "experiment", None)
         if len(budgets) and hasattr(experiment, "add_histogram") and not self.trainer.sanity_checking:
             experiment.add_histogram("val/budget", budgets, self.global_step, bins=self.n_budgets)
-            for g in ("easy", "hard"):
-                sel = torch.tensor([d == g for d in v["difficulty"]], dtype=torch.bool)
+            for g, sel in by_difficulty.items():
                 if sel.any():
                     experiment.add_histogram(f"val/budget/{g}", budgets[sel], self.global_step, bins=self.n_budgets)
         if not self.trainer.sanity_checking:

@@ -256,25 +256,27 @@ class Decoder(nn.Module):
         """
         assert visual.dim() == 3 and text.dim() == 3, "visual (B, V, d) and text (B, T, d) expected"
         assert visual.shape[0] == text.shape[0] and visual.shape[2] == text.shape[2] == self.config.d_model
-        B, V = visual.shape[0], visual.shape[1]
-        active = self._active(budget, B, text.device)  # (B, n_layers) bool or None (largest)
+        B = visual.shape[0]
+        active = self._active(budget, B, text.device)  # (B, n_layers) bool
         for i in range(start, end):
-            kind = self.plan.kinds[i]
-            if kind == "self" and i in self.plan.optional_self and active is not None:
+            kind, mixed = self.plan.kinds[i], None
+            if kind == "self" and i in self.plan.optional_self:
                 on = active[:, i]
                 n_on = int(on.sum())
                 if n_on == 0:
                     kind = self.plan.skip_kind
                 elif n_on < B:
-                    visual, text = self._gated_self(i, visual, text, on, cos, sin, visual_kv_lens)
-                    continue
+                    mixed = on
             if kind == "self" and visual_kv_lens is not None:
                 raise NotImplementedError("per-sample visual lengths are supported by cross layers only")
-            visual, text = self._layer(i, kind, visual, text, cos, sin, visual_kv_lens)
+            if mixed is not None:
+                visual, text = self._gated_self(i, visual, text, mixed, cos, sin)
+            else:
+                visual, text = self._layer(i, kind, visual, text, cos, sin, visual_kv_lens)
         return visual, text
 
-    def _active(self, budget, B: int, device: torch.device) -> Optional[torch.Tensor]:
-        """(B, n_layers) bool: optional self layers on per sample; None for the largest budget."""
+    def _active(self, budget, B: int, device: torch.device) -> torch.Tensor:
+        """(B, n_layers) bool: optional self layers on per sample (budget None: the largest)."""
         if budget is None:
             budget = self.plan.largest_budget
         if isinstance(budget, int):
@@ -295,11 +297,9 @@ class Decoder(nn.Module):
             text = self.cross[str(i)](text, visual, visual_kv_lens)  # (B, T, d)
         return visual, self.layers[i](text, cos[V:], sin[V:])  # text keeps positions V.. in every kind
 
-    def _gated_self(self, i: int, visual, text, on: torch.Tensor, cos, sin, visual_kv_lens):
+    def _gated_self(self, i: int, visual, text, on: torch.Tensor, cos, sin):
         """Optional self layer i with per-sample gates on (B,) bool: self path on the `on` rows, the
         skip kind on the others; each result is added back to the residual stream in place of rows."""
-        if visual_kv_lens is not None:
-            raise NotImplementedError("per-sample visual lengths are supported by cross layers only")
         B, V, d = visual.shape
         T = text.shape[1]
         idx_on, idx_off = on.nonzero().squeeze(1), (~on).nonzero().squeeze(1)

@@ -12,19 +12,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from src.ops.cross_attention import cross_attention_with_lse
-
-
-def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "expected (B, H, S, hd) tensors"
-    assert k.shape == v.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"
-    assert q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1], f"q {tuple(q.shape)} vs k {tuple(k.shape)}"
-    assert q.shape[1] % k.shape[1] == 0, f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}"
+from src.ops.cross_attention import check_heads, cross_attention_with_lse
 
 
 def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention. q (B, H, S, hd); k, v (B, Hkv, S, hd) with H % Hkv == 0 -> (B, H, S, hd)."""
-    _check_heads(q, k, v)
+    check_heads(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -39,5 +32,4 @@ def cross_attention(
     q (B, H, T, hd); k, v (B, Hkv, V, hd); kv_lens (B,) valid visual tokens per sample or None
     -> (B, H, T, hd). A sample with kv_lens == 0 gets a zero output.
     """
-    _check_heads(q, k, v)
     return cross_attention_with_lse(q, k, v, kv_lens)[0]

@@ -19,11 +19,16 @@ from src.ops.extension import extension_available
 USE_EXTENSION = extension_available()
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor]) -> None:
+def check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q (B, H, S, hd), k and v (B, Hkv, S', hd) with H a multiple of Hkv (every attention of the model)."""
     assert q.dim() == 4 and k.dim() == 4 and k.shape == v.shape, (
-        f"q (B, H, T, hd), k and v (B, Hkv, V, hd) expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        f"q (B, H, S, hd), k and v (B, Hkv, S', hd) expected; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     assert q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3], f"q {tuple(q.shape)} vs k {tuple(k.shape)}"
     assert k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0, f"query heads {q.shape[1]} not a multiple of {k.shape[1]}"
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor]) -> None:
+    check_heads(q, k, v)
     assert kv_lens is None or kv_lens.shape == (q.shape[0],), f"kv_lens must be (B,), got {tuple(kv_lens.shape)}"
 
 
