@@ -1,10 +1,12 @@
 """Run LightningCLI fits one after another, each with its own TensorBoard directory, resumably.
 
 `run_fit(group, name, args)` runs `python -m src.cli fit <args>` with its logger at
-outputs/<group>/<name>/run; a run that finished earlier (a DONE file beside its logs) is not rerun.
+<workdir>/outputs/<group>/<name>/run; a run that finished earlier (a DONE file beside its logs) is
+not rerun. Relative paths in the arguments and configs resolve against `workdir` (default: the repo).
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +15,13 @@ from typing import List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_logdir(group: str, name: str) -> Path:
-    return ROOT / "outputs" / group / name / "run"
+def run_logdir(group: str, name: str, workdir: Path = ROOT) -> Path:
+    return Path(workdir) / "outputs" / group / name / "run"
 
 
 def run_fit(group: str, name: str, args: List[str], steps: Optional[int] = None,
-            python: str = sys.executable) -> Path:
-    logdir = run_logdir(group, name)
+            python: str = sys.executable, workdir: Path = ROOT) -> Path:
+    logdir = run_logdir(group, name, workdir)
     done = logdir / "DONE"
     if done.exists():
         print(f"[{name}] finished earlier: {logdir}", flush=True)
@@ -30,6 +32,7 @@ def run_fit(group: str, name: str, args: List[str], steps: Optional[int] = None,
     if steps:
         cmd += ["--trainer.max_steps", str(steps)]
     print(f"[{name}] {' '.join(cmd)}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    subprocess.run(cmd, cwd=workdir, check=True, env=env)
     done.write_text("ok\n")
     return logdir

@@ -4,6 +4,11 @@ The LVLM stages (base, VISOR, full, universal) use `VisorLitModule` with its arg
 under `model:`. A config whose `model:` names a `class_path` (configs/policy.yaml:
 `src.lit.PolicyLitModule`) selects that LightningModule instead, with its arguments under
 `model.init_args`.
+
+`predict` answers the questions of a shard set (`data.predict_shards`, default the val split) with
+cached greedy generation and writes JSONL (`--predict_writer.output_path`; see src/lit/predict.py):
+    python -m src.cli predict --config configs/visor.yaml --ckpt_path <last.ckpt> \
+        --predict_writer.output_path outputs/predictions.jsonl
 """
 from __future__ import annotations
 
@@ -17,12 +22,27 @@ from lightning.pytorch.cli import LightningCLI
 
 from src.data.datamodule import VQADataModule
 from src.lit.module import VisorLitModule
+from src.lit.predict import JsonlPredictionWriter
+
+
+def add_prediction_writer(parser) -> None:
+    """`predict` writes JSONL through this callback: `--predict_writer.output_path FILE` (default
+    `<log dir>/predictions.jsonl`); it does nothing in the other subcommands."""
+    parser.add_lightning_class_args(JsonlPredictionWriter, "predict_writer")
 
 
 class VisorCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # One shared size: the image resolution the data is decoded to is the encoder's input size.
         parser.link_arguments("data.image_size", "model.lvlm.init_args.vision.init_args.image_size")
+        add_prediction_writer(parser)
+
+
+class SubclassCLI(LightningCLI):
+    """For a config that names its LightningModule (`model.class_path`)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        add_prediction_writer(parser)
 
 
 def _config_paths(argv: List[str]) -> List[str]:
@@ -53,8 +73,8 @@ def main(args: Optional[List[str]] = None) -> LightningCLI:
         return VisorCLI(VisorLitModule, VQADataModule, save_config_kwargs={"overwrite": True}, args=args)
     module_name, _, cls_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return LightningCLI(cls, VQADataModule, subclass_mode_model=True, save_config_kwargs={"overwrite": True},
-                        args=args)
+    return SubclassCLI(cls, VQADataModule, subclass_mode_model=True, save_config_kwargs={"overwrite": True},
+                       args=args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ the projector and the LLM are analytical. Cross-checked against the counter in t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -47,17 +47,28 @@ def layer_flops(c: DecoderConfig, kind: str, V: int, T: int) -> int:
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
-def llm_flops(c: DecoderConfig, kinds: Sequence[str], V: int, T: int, lm_head: bool = True) -> int:
-    """The whole LLM for one sample: every layer by its kind, plus the LM head over the T text tokens."""
-    total = sum(layer_flops(c, k, V, T) for k in kinds)
+def llm_flops(c: DecoderConfig, kinds: Sequence[str], V: Union[int, Sequence[int]], T: int, lm_head: bool = True) -> int:
+    """The whole LLM for one sample: every layer by its kind, plus the LM head over the T text tokens.
+    V: visual tokens, one count for all layers or one per layer (after an in-LLM drop)."""
+    per_layer = [V] * len(kinds) if isinstance(V, int) else list(V)
+    assert len(per_layer) == len(kinds), f"{len(per_layer)} visual counts for {len(kinds)} layers"
+    total = sum(layer_flops(c, k, v, T) for k, v in zip(kinds, per_layer))
     return total + (2 * T * c.d_model * c.vocab_size if lm_head else 0)
+
+
+def fastv_rank_flops(c: DecoderConfig, kind: str, V: int, T: int) -> int:
+    """Ranking the visual tokens by one query token's attention at a `self` or `cross` layer: its query
+    projection, the keys it reads (all V+T for self, V for cross) and one row of logits."""
+    keys = V + T if kind == "self" else V
+    return 2 * c.d_model * c.n_heads * c.head_dim + 2 * keys * c.d_model * c.n_kv_heads * c.head_dim \
+        + 2 * c.n_heads * keys * c.head_dim
 
 
 @dataclass
 class SampleFlops:
     vision: int
-    projector: int
-    llm: int
+    projector: int  # projector, positional conv and any token reduction before the LLM
+    llm: int  # decoder layers (an in-LLM token drop's ranking included) and the LM head
 
     @property
     def total(self) -> int:
@@ -91,8 +102,17 @@ def sample_flops(model, T: int, budget: Optional[int] = None) -> SampleFlops:
     proj = 2 * V0 * (model.projector.fc1.in_features * c.d_model + c.d_model * c.d_model)
     if model.pos_conv is not None:
         proj += 2 * V0 * c.d_model * model.pos_conv.conv.kernel_size[0]
-    return SampleFlops(vision=vision_flops_per_image(model.vision), projector=proj,
-                       llm=llm_flops(c, budget_kinds(model.plan, budget), model.num_visual_tokens, T))
+    reducer, V = model.token_reducer, model.num_visual_tokens
+    kinds = budget_kinds(model.plan, budget)
+    if reducer is None or not reducer.in_llm:
+        if reducer is not None:
+            proj += reducer.reduction_flops(V0, c.d_model)
+        llm = llm_flops(c, kinds, V, T)
+    else:  # fastv: layers before K see V tokens, K.. the kept ones, plus the ranking at layer K-1
+        K = reducer.layer
+        llm = llm_flops(c, kinds, [V] * K + [reducer.n_kept(V)] * (len(kinds) - K), T)
+        llm += fastv_rank_flops(c, kinds[K - 1], V, T)
+    return SampleFlops(vision=vision_flops_per_image(model.vision), projector=proj, llm=llm)
 
 
 def budget_kinds(plan, budget: Optional[int] = None) -> List[str]:

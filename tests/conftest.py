@@ -21,3 +21,21 @@ def tiny_decoder_config():
 
     return DecoderConfig(preset="tiny", vocab_size=40, n_layers=4, d_model=64, n_heads=4, n_kv_heads=2,
                          intermediate_size=96)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def base_export(workdir):
+    """A random base LVLM with the shipped architecture, exported like configs/base.yaml does."""
+    from src.lit.checkpoint_io import export_checkpoint
+    from src.models import DecoderConfig, LayerPlan, VisionEncoder, VisorLVLM
+
+    torch.manual_seed(0)
+    base = VisorLVLM(VisionEncoder("lcnet_075", 2, 128, pos_embed="learned"), DecoderConfig(preset="tiny"),
+                     LayerPlan(6, all_self=True), pos_conv=False)
+    return str(export_checkpoint(base, workdir / "base", {}))

@@ -5,35 +5,15 @@ import pytest
 import torch
 
 from src.cli import main
-from src.lit.checkpoint_io import export_checkpoint
-from src.models.decoder import DecoderConfig
-from src.models.lvlm import VisorLVLM
-from src.models.plan import LayerPlan
-from src.models.vision import VisionEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ["--data.train_images", "40", "--data.val_images", "8", "--data.images_per_shard", "20",
         "--data.num_workers", "0", "--data.batch_size", "4", "--data.val_batch_size", "8"]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def _fit(config, *extra):
     cli = main(["fit", "--config", str(ROOT / config), *extra.__iter__(), "--trainer.fast_dev_run", "2", *DATA])
     return cli
-
-
-@pytest.fixture
-def base_export(workdir):
-    """A random base LVLM with the shipped architecture, exported like configs/base.yaml does."""
-    torch.manual_seed(0)
-    base = VisorLVLM(VisionEncoder("lcnet_075", 2, 128, pos_embed=True), DecoderConfig(preset="tiny"), LayerPlan(6, all_self=True),
-                     pos_conv=False)
-    return str(export_checkpoint(base, workdir / "base", {}))
 
 
 def test_base_config_trains_and_exports(workdir):
@@ -43,8 +23,14 @@ def test_base_config_trains_and_exports(workdir):
     assert (workdir / "data/base/tokenizer.json").exists()
 
 
+TOKENS_IN_LLM = {"pool2": 64, "visionzip11": 28, "random25": 64, "fastv75": 256}
+
+
 @pytest.mark.parametrize("configs", [["configs/visor.yaml"], ["configs/full.yaml"],
-                                     ["configs/full.yaml", "configs/token_reduction/pool2.yaml"]])
+                                     ["configs/full.yaml", "configs/token_reduction/pool2.yaml"],
+                                     ["configs/full.yaml", "configs/token_reduction/visionzip11.yaml"],
+                                     ["configs/full.yaml", "configs/token_reduction/random25.yaml"],
+                                     ["configs/visor.yaml", "configs/token_reduction/fastv75.yaml"]])
 def test_conversion_configs_train(workdir, base_export, configs):
     extra = []
     for c in configs[1:]:
@@ -61,8 +47,8 @@ def test_conversion_configs_train(workdir, base_export, configs):
     # the non-vision base weights did train in stage 2
     assert not torch.equal(module.lvlm.decoder.layers[2].mlp.up_proj.weight.half(),
                            shipped["decoder.layers.2.mlp.up_proj.weight"])
-    if "token_reduction/pool2.yaml" in configs:
-        assert module.lvlm.num_visual_tokens == 64
+    for c in configs[1:]:
+        assert module.lvlm.num_visual_tokens == TOKENS_IN_LLM[Path(c).stem]
     metrics = cli.trainer.callback_metrics
     assert "val/acc/hard" in metrics and "val/gflops" in metrics
 

@@ -19,7 +19,7 @@ def test_small_model_memorises_a_batch(tmp_path):
     urls = write_generated_split(tmp_path, "train", 6, seed=0, images_per_shard=6)
     samples = list(qa_dataset(urls, QAExpander(tok, 64, 24)))[:32]
     batch = collate(samples, tok.pad_id)
-    model = VisorLVLM(VisionEncoder("test_byobnet", 2, 64, pos_embed=True),
+    model = VisorLVLM(VisionEncoder("test_byobnet", 2, 64, pos_embed="learned"),
                       DecoderConfig(vocab_size=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
                                     intermediate_size=128),
                       LayerPlan(2, self_layers=[0], cross_layers=[1]), pos_conv=True)

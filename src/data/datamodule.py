@@ -10,7 +10,8 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from src.data.shards import QAExpander, collate, ensure_default_dataset, qa_dataset
-from src.data.tokenizer import WordTokenizer
+from src.data.tokenizer import ChatTokenizer, WordTokenizer, load_tokenizer
+from src.data.tokenizer import chat_template as resolve_chat_template
 
 
 class VQADataModule(L.LightningDataModule):
@@ -19,6 +20,11 @@ class VQADataModule(L.LightningDataModule):
     With `generate: true` (the embedded default) missing shards are generated from `seed`.
     `train_turns` > 1 packs that many questions about one image into each training sequence
     (multi-turn, as LLaVA); validation is always one question per sequence.
+    `tokenizer_path` (default `root/tokenizer.json`): our word tokenizer file or a Hugging Face
+    tokenizer.json (or its folder), laid out in `chat_template` (a name in
+    `src.data.tokenizer.CHAT_TEMPLATES`; Hugging Face tokenizers only).
+    `predict_shards`: what `predict` reads, a folder of `*.tar` shards or a glob (default: the val
+    split), one question per sequence as validation.
     Images come out as floats in [0, 1], (B, 3, image_size, image_size)."""
 
     def __init__(
@@ -38,6 +44,9 @@ class VQADataModule(L.LightningDataModule):
         strict: bool = False,
         shuffle_buffer: int = 2000,
         train_turns: int = 1,
+        tokenizer_path: Optional[str] = None,
+        chat_template: str = "chatml",
+        predict_shards: Optional[str] = None,
     ) -> None:
         super().__init__()
         positive = dict(train_images=train_images, val_images=val_images, images_per_shard=images_per_shard,
@@ -49,21 +58,25 @@ class VQADataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         if shuffle_buffer < 0:
             raise ValueError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if tokenizer_path is not None and not Path(tokenizer_path).exists():
+            raise FileNotFoundError(f"data.tokenizer_path={tokenizer_path} does not exist")
+        resolve_chat_template(chat_template, field="data.chat_template")  # validates the name
         self.save_hyperparameters()
         self.root = Path(root)
         QAExpander(WordTokenizer([]), image_size, max_text_len, overlength, strict, train_turns)  # validates
-        self.tokenizer: Optional[WordTokenizer] = None
+        self.tokenizer: Optional[ChatTokenizer] = None
 
     def prepare_data(self) -> None:
         h = self.hparams
         if h.generate:
             ensure_default_dataset(self.root, h.train_images, h.val_images, h.seed, h.images_per_shard)
-        elif not (self.root / "tokenizer.json").exists():
+        elif h.tokenizer_path is None and not (self.root / "tokenizer.json").exists():
             raise FileNotFoundError(f"data.root={self.root} has no tokenizer.json (and data.generate is false)")
 
     def setup(self, stage: Optional[str] = None) -> None:
         h = self.hparams
-        self.tokenizer = WordTokenizer.load(self.root / "tokenizer.json")
+        path = h.tokenizer_path if h.tokenizer_path is not None else self.root / "tokenizer.json"
+        self.tokenizer = load_tokenizer(path, chat_template=h.chat_template)
         self.expanders = {split: QAExpander(self.tokenizer, h.image_size, h.max_text_len, h.overlength, h.strict,
                                             turns=h.train_turns if split == "train" else 1)
                           for split in ("train", "val")}
@@ -89,3 +102,20 @@ class VQADataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """`predict_shards` (a folder of .tar shards or a glob), else the val split; in order, one
+        question per sequence."""
+        h = self.hparams
+        if h.predict_shards is None:
+            return self._loader("val", h.val_batch_size, 0)
+        assert self.tokenizer is not None, "call setup() first"
+        where = Path(h.predict_shards)
+        urls = sorted(glob.glob(str(where / "*.tar") if where.is_dir() else h.predict_shards))
+        if not urls:
+            raise FileNotFoundError(f"data.predict_shards={h.predict_shards} names no .tar shards "
+                                    "(give a folder of shards or a glob such as 'dir/test-*.tar')")
+        ds = qa_dataset(urls, self.expanders["val"], shuffle=0, seed=h.seed)
+        return DataLoader(ds, batch_size=h.val_batch_size, num_workers=h.num_workers,
+                          collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_id),
+                          persistent_workers=h.num_workers > 0)

@@ -1,7 +1,8 @@
 """Webdataset shards: writing the generated data set, and reading any shard set robustly.
 
-A sample is `<key>.png` + `<key>.json`; the JSON holds either one QA (`question`, `answer`,
-`task`, `difficulty`) or a list of them under `qa` (several questions about one image).
+A sample is `<key>.png` (or `.jpg`) + `<key>.json`; the JSON holds either one QA (`question`,
+`answer`, `task`, `difficulty`) or a list of them under `qa` (several questions about one image;
+`"ordered": true` marks the turns of one conversation, which multi-turn packing keeps in order).
 Bad samples are skipped and counted by reason (or raise naming shard and key with
 `strict=True`); a truncated or corrupt tar raises `ShardError` naming the shard.
 """
@@ -24,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from src.data.generator import GeneratorConfig, SceneGenerator, vocabulary
-from src.data.tokenizer import WordTokenizer
+from src.data.tokenizer import ChatTokenizer, ChatTurn, WordTokenizer
 
 QA_FIELDS = ("question", "answer", "task", "difficulty")
 log = logging.getLogger(__name__)
@@ -113,13 +114,15 @@ class QAExpander:
     `turns=1` yields one sample per question (how validation scores). `turns=k>1` packs up to k
     questions about the same image into one multi-turn sequence, as LLaVA trains on
     conversations: `<bos> q1 <sep> a1 <eos> q2 <sep> a2 <eos> ...`, loss on every answer, turn
-    order shuffled per image (seeded by its key) so each task also appears first. The visual
-    tokens are paid for once per k answers.
+    order shuffled per image (seeded by its key) so each task also appears first, unless the
+    sample is `ordered` (a conversation: its turns stay in order). The visual tokens are paid
+    for once per k answers. The layout is the tokenizer's (`ChatTokenizer.build`): the above for
+    our word tokenizer, its chat template for a Hugging Face one.
 
     Each yielded sample carries `skipped`: the reasons counted since the previous yield, so
     counts travel with the batches across DataLoader workers and none are lost."""
 
-    def __init__(self, tokenizer: WordTokenizer, image_size: int, max_text_len: int,
+    def __init__(self, tokenizer: ChatTokenizer, image_size: int, max_text_len: int,
                  overlength: str = "truncate", strict: bool = False, turns: int = 1) -> None:
         if overlength not in ("truncate", "skip"):
             raise ValueError(f"data.overlength must be 'truncate' or 'skip', got {overlength!r}")
@@ -157,7 +160,7 @@ class QAExpander:
             if image is None:
                 continue
             encoded = [e for e in (self._encode_qa(qa, raw, counts) for qa in qas) if e is not None]
-            if self.turns > 1:
+            if self.turns > 1 and meta.get("ordered") is not True:
                 random.Random(raw.get("__key__", "")).shuffle(encoded)
             for pack in self._packs(encoded):
                 sample = self._sequence(pack, raw, counts)
@@ -186,20 +189,19 @@ class QAExpander:
         x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(self.image_size, self.image_size, 3)
         return x.permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
 
-    def _encode_qa(self, qa: dict, raw: dict, counts: Counter) -> Optional[Tuple[List[int], List[int], dict]]:
-        """-> (question ids, answer ids, qa) or None for a bad QA (counted)."""
+    def _encode_qa(self, qa: dict, raw: dict, counts: Counter) -> Optional[Tuple[ChatTurn, dict]]:
+        """-> (encoded turn, qa) or None for a bad QA (counted)."""
         if not isinstance(qa, dict) or any(not isinstance(qa.get(f), str) for f in QA_FIELDS):
             self._bad(counts, "missing_field", raw)
             return None
         if not qa["question"].strip():
             self._bad(counts, "empty_question", raw)
             return None
-        return self.tok.encode(qa["question"]), self.tok.encode(qa["answer"]), qa
+        return self.tok.chat_turn(qa["question"], qa["answer"]), qa
 
-    @staticmethod
-    def _length(turns) -> int:
-        """Input length of a packed sequence: <bos>, then q <sep> a <eos> per turn, less the last <eos>."""
-        return sum(len(q) + len(a) + 2 for q, a, _ in turns)
+    def _length(self, turns: List[Tuple[ChatTurn, dict]]) -> int:
+        """Input length of a packed sequence (for ours: <bos>, then q <sep> a <eos> per turn, less the last <eos>)."""
+        return self.tok.sequence_length([t for t, _ in turns])
 
     def _packs(self, encoded: list) -> Iterator[list]:
         """Greedy packing: up to `turns` questions per sequence while it fits; nothing is dropped."""
@@ -212,27 +214,21 @@ class QAExpander:
         if pack:
             yield pack
 
-    def _sequence(self, turns: List[Tuple[List[int], List[int], dict]], raw: dict, counts: Counter) -> Optional[dict]:
-        """Build input_ids/labels (loss on answers and their <eos> only). Only a lone turn can be
-        too long: its question's start is cut (`truncate`, its subject stays) or it is skipped
-        (`skip`); both are counted."""
-        tok = self.tok
-        q, a, qa = turns[0]
+    def _sequence(self, turns: List[Tuple[ChatTurn, dict]], raw: dict, counts: Counter) -> Optional[dict]:
+        """Build input_ids/labels (T,) (loss on answers and their end token only). Only a lone turn
+        can be too long: its question's start is cut (`truncate`, its subject stays) or it is
+        skipped (`skip`); both are counted."""
+        turn, qa = turns[0]
         excess = self._length(turns) - self.max_text_len
         if excess > 0:
-            if self.overlength == "skip" or excess > len(q) - 1:
+            if self.overlength == "skip" or excess > len(turn.question) - 1:
                 self._bad(counts, "too_long", raw)
                 return None
             counts["truncated"] += 1
-            turns = [(q[excess:], a, qa)]
-        tokens, supervised = [tok.bos_id], [False]
-        for q, a, _ in turns:
-            tokens += q + [tok.sep_id] + a + [tok.eos_id]
-            supervised += [False] * (len(q) + 1) + [True] * (len(a) + 1)
-        input_ids = torch.tensor(tokens[:-1])
-        labels = torch.tensor(tokens[1:])
-        labels[~torch.tensor(supervised[1:])] = -100  # a label is kept where the token it predicts is an answer/<eos>
-        first = turns[0][2]
+            turns = [(turn.cut_question(excess), qa)]
+        # a label is kept where the token it predicts is an answer token or an answer's end
+        input_ids, labels = self.tok.build([t for t, _ in turns])  # (T,), (T,)
+        first = turns[0][1]
         multi = len(turns) > 1
         return {"input_ids": input_ids, "labels": labels, "task": "multi" if multi else first["task"],
                 "difficulty": "multi" if multi else first["difficulty"], "key": raw.get("__key__", "")}

@@ -2,5 +2,6 @@
 from src.lit.callbacks import ExportCheckpoint
 from src.lit.module import VisorLitModule
 from src.lit.policy_module import PolicyLitModule
+from src.lit.predict import JsonlPredictionWriter
 
-__all__ = ["ExportCheckpoint", "PolicyLitModule", "VisorLitModule"]
+__all__ = ["ExportCheckpoint", "JsonlPredictionWriter", "PolicyLitModule", "VisorLitModule"]

@@ -24,8 +24,11 @@ import torch.nn.functional as F
 
 from src.data.generator import TASKS
 from src.flops import SampleFlops, sample_flops
+from src.lit.batch import batch_logits
 from src.lit.checkpoint_io import load_base_checkpoint
+from src.lit.predict import log_cache_report, prediction_rows, split_prompt
 from src.metrics import GroupedAccuracy, accuracy_logs, exact_match
+from src.models.generation import generate
 from src.models.lvlm import VisorLVLM
 from src.plots import to_tensorboard, xy_chart
 
@@ -47,6 +50,8 @@ class VisorLitModule(L.LightningModule):
         tasks: task names for per-task validation accuracy.
         budget_sampling: which budgets a training step runs: `largest` (default), `uniform`,
             `sandwich`, or a budget index (train at that budget only).
+        predict_budget: the budget `predict` answers at (None: the largest).
+        max_new_tokens: the longest answer `predict` generates (cached greedy, stops at eos).
     """
 
     def __init__(
@@ -62,6 +67,8 @@ class VisorLitModule(L.LightningModule):
         betas: Tuple[float, float] = (0.9, 0.95),
         tasks: Sequence[str] = TASKS,
         budget_sampling: Union[int, str] = "largest",
+        predict_budget: Optional[int] = None,
+        max_new_tokens: int = 16,
     ) -> None:
         super().__init__()
         n_budgets = lvlm.plan.n_budgets
@@ -73,6 +80,10 @@ class VisorLitModule(L.LightningModule):
                              f"got {budget_sampling!r}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
+        if predict_budget is not None and not 0 <= predict_budget < n_budgets:
+            raise ValueError(f"model.predict_budget: budget {predict_budget} out of range [0, {n_budgets})")
+        if max_new_tokens < 1:
+            raise ValueError(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if warmup_steps < 0 or new_params_only_steps < 0:
@@ -104,6 +115,8 @@ class VisorLitModule(L.LightningModule):
         self.skipped = {"train": Counter(), "val": Counter()}
         self._step_times: List[float] = []
         self.pad_id = 0
+        self.tokenizer = None  # the datamodule's, from setup(); predict decodes with it
+        self._predict_seen: Counter = Counter()
         self._val_flops: List[SampleFlops] = []
 
     # -- modes ----------------------------------------------------------------------------------
@@ -117,6 +130,7 @@ class VisorLitModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         tok = getattr(dm, "tokenizer", None)
         self.pad_id = tok.pad_id if tok is not None else 0
+        self.tokenizer = tok
         if tok is not None and tok.vocab_size > self.lvlm.decoder.config.vocab_size:
             raise ValueError(f"model.lvlm.init_args.decoder.vocab_size={self.lvlm.decoder.config.vocab_size} is "
                              f"smaller than the tokenizer's {tok.vocab_size} tokens")
@@ -138,7 +152,7 @@ class VisorLitModule(L.LightningModule):
 
     # -- steps ----------------------------------------------------------------------------------
     def _loss(self, batch: dict, budget: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        logits = self.lvlm(batch["images"], batch["input_ids"], budget=budget)  # (B, T, vocab)
+        logits = batch_logits(self.lvlm, batch, budget)  # (B, T, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
         return loss, logits
 
@@ -254,6 +268,21 @@ class VisorLitModule(L.LightningModule):
                 self.log(f"data/{split}_skipped/{reason}", float(n))
             log.warning("%s epoch: skipped or altered samples: %s", split, dict(counts))
         counts.clear()
+
+    # -- predict --------------------------------------------------------------------------------
+    def on_predict_epoch_start(self) -> None:
+        self._predict_seen = Counter()
+        log_cache_report(self.lvlm)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> List[dict]:
+        """Cached greedy answers to the batch's questions (the prompt only; see src/lit/predict.py)
+        at `predict_budget` -> one JSON-ready row per sample (the JsonlPredictionWriter writes them)."""
+        prompt, lens = split_prompt(batch, self.pad_id)
+        budget = self.hparams.predict_budget
+        out = generate(self.lvlm, batch["images"], prompt, lens, self.hparams.max_new_tokens,
+                       budget=self.lvlm.plan.largest_budget if budget is None else budget,
+                       eos_id=getattr(self.tokenizer, "eos_id", None), pad_id=self.pad_id)
+        return prediction_rows(self.lvlm, batch, prompt, lens, out, self.tokenizer, self._predict_seen)
 
     # -- optimiser ------------------------------------------------------------------------------
     def configure_optimizers(self):

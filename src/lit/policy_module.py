@@ -15,6 +15,7 @@ mean reward.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -25,9 +26,12 @@ import torch.nn.functional as F
 
 from src.data.generator import TASKS
 from src.flops import sample_flops
+from src.lit.batch import batch_logits, query_index
 from src.lit.checkpoint_io import load_base_checkpoint
+from src.lit.predict import log_cache_report, prediction_rows, split_prompt
 from src.lit.policy_objectives import MovingAverageBaseline, pseudo_labels, reinforce_loss
 from src.metrics import GroupedAccuracy, accuracy_logs, exact_match
+from src.models.generation import generate
 from src.models.lvlm import VisorLVLM
 from src.models.policy import select_budgets
 
@@ -43,7 +47,8 @@ class PolicyLitModule(L.LightningModule):
         lvlm: the universal VISOR model with a router (`policy_hidden`) and optional self layers.
         universal_checkpoint: the exported universal model (safetensors dir); everything but the router.
         mode, reward, cost_weight, baseline, baseline_momentum, entropy_coef, pseudo_label_rel: see above.
-        inference, target_cost: how validation picks budgets.
+        inference, target_cost: how validation and `predict` pick budgets.
+        max_new_tokens: the longest answer `predict` generates (cached greedy, stops at eos).
         lr, weight_decay: AdamW on the router.
     """
 
@@ -63,6 +68,7 @@ class PolicyLitModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         tasks: Sequence[str] = TASKS,
+        max_new_tokens: int = 16,
     ) -> None:
         super().__init__()
         for name, value, allowed in (("mode", mode, MODES), ("reward", reward, REWARDS),
@@ -73,6 +79,8 @@ class PolicyLitModule(L.LightningModule):
             raise ValueError("model.cost_weight and model.entropy_coef must be >= 0 and model.lr > 0")
         if not 0 < pseudo_label_rel <= 1:
             raise ValueError(f"model.pseudo_label_rel must be in (0, 1], got {pseudo_label_rel}")
+        if max_new_tokens < 1:
+            raise ValueError(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
         if inference == "target" and target_cost is None:
             raise ValueError("model.inference: target needs model.target_cost (mean relative LLM FLOPs, e.g. 0.6)")
         if lvlm.policy is None or lvlm.plan.first_optional is None:
@@ -93,6 +101,8 @@ class PolicyLitModule(L.LightningModule):
         self.val_difficulty_acc = GroupedAccuracy(["easy", "hard"])
         self.moving_baseline = MovingAverageBaseline(baseline_momentum)
         self.pad_id = 0
+        self.tokenizer = None  # the datamodule's, from setup(); predict decodes with it
+        self._predict_seen: Counter = Counter()
         self._val: Dict[str, List] = {"budgets": [], "difficulty": [], "gflops": [], "entropy": [], "reward": []}
 
     def train(self, mode: bool = True):
@@ -104,6 +114,7 @@ class PolicyLitModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         tok = getattr(dm, "tokenizer", None)
         self.pad_id = tok.pad_id if tok is not None else 0
+        self.tokenizer = tok
         if dm is not None and dm.hparams.image_size != self.lvlm.vision.image_size:
             raise ValueError(f"data.image_size={dm.hparams.image_size} differs from "
                              f"model.init_args.lvlm.init_args.vision.init_args.image_size={self.lvlm.vision.image_size}")
@@ -138,7 +149,8 @@ class PolicyLitModule(L.LightningModule):
         return -(nll.sum(1) / n)
 
     def _run(self, batch: dict, choose):
-        return self.lvlm.routed(batch["images"], batch["input_ids"], self._prompt_mask(batch), choose)
+        return self.lvlm.routed(batch["images"], batch["input_ids"], self._prompt_mask(batch), choose,
+                                query_index(batch["labels"]))
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -147,7 +159,7 @@ class PolicyLitModule(L.LightningModule):
         costs = self._costs(self._budget_flops(batch))  # (B, K)
         if h.mode == "pseudo_label":
             with torch.no_grad():
-                scores = torch.stack([self._quality(self.lvlm(batch["images"], batch["input_ids"], budget=k),
+                scores = torch.stack([self._quality(batch_logits(self.lvlm, batch, k),
                                                     batch["labels"]) for k in range(self.n_budgets)], dim=1)
             labels = pseudo_labels(scores, costs.mean(0), h.pseudo_label_rel)
             _, router_logits, _ = self._run(batch, lambda logits: labels)
@@ -160,7 +172,7 @@ class PolicyLitModule(L.LightningModule):
             if h.baseline == "greedy":
                 with torch.no_grad():
                     greedy = router_logits.argmax(-1)
-                    g_logits = self.lvlm(batch["images"], batch["input_ids"], budget=greedy)
+                    g_logits = batch_logits(self.lvlm, batch, greedy)
                     base = self._reward(g_logits, batch["labels"], costs, greedy)
             else:
                 base = self.moving_baseline(reward)
@@ -225,6 +237,30 @@ class PolicyLitModule(L.LightningModule):
         self.val_task_acc.reset()
         self.val_difficulty_acc.reset()
         self._val = {k: [] for k in self._val}
+
+    # -- predict --------------------------------------------------------------------------------
+    def on_predict_epoch_start(self) -> None:
+        self._predict_seen = Counter()
+        log_cache_report(self.lvlm)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> List[dict]:
+        """Cached greedy answers to the batch's questions (the prompt only; see src/lit/predict.py),
+        budgets chosen by the router at the prefill in the `inference` mode (relative costs at the
+        prompt lengths; the router pools the same question tokens as in validation) -> one row per sample."""
+        h, plan = self.hparams, self.lvlm.plan
+        prompt, lens = split_prompt(batch, self.pad_id)
+        flops = torch.tensor([[sample_flops(self.lvlm, int(t), k).llm for k in range(self.n_budgets)] for t in lens],
+                             dtype=torch.float64)  # (B, K)
+        costs = self._costs(flops).mean(0).to(prompt.device)  # (K,)
+
+        def choose(router_logits):
+            return select_budgets(router_logits, h.inference, costs, h.target_cost, plan.largest_budget,
+                                  plan.smallest_budget)
+
+        mask = self._prompt_mask(batch)[:, : prompt.shape[1]]  # (B, P)
+        out = generate(self.lvlm, batch["images"], prompt, lens, h.max_new_tokens, budget=choose,
+                       eos_id=getattr(self.tokenizer, "eos_id", None), pad_id=self.pad_id, prompt_mask=mask)
+        return prediction_rows(self.lvlm, batch, prompt, lens, out, self.tokenizer, self._predict_seen)
 
     def configure_optimizers(self):
         params = [p for p in self.lvlm.policy.parameters()]

@@ -3,8 +3,9 @@ from src.models.decoder import Decoder, DecoderConfig
 from src.models.lvlm import VisorLVLM
 from src.models.plan import LayerPlan, PlanError
 from src.models.projector import Projector, VisualPosConv
-from src.models.token_reduction import AvgPoolReducer, TokenReducer
+from src.models.token_reduction import (AvgPoolReducer, FastVReducer, RandomReducer, TokenReducer,
+                                       VisionZipReducer)
 from src.models.vision import VisionEncoder
 
 __all__ = ["Decoder", "DecoderConfig", "VisorLVLM", "LayerPlan", "PlanError", "Projector", "VisualPosConv",
-           "AvgPoolReducer", "TokenReducer", "VisionEncoder"]
+           "AvgPoolReducer", "FastVReducer", "RandomReducer", "TokenReducer", "VisionZipReducer", "VisionEncoder"]

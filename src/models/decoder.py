@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from src.models.cross_attention import CrossAttention
 from src.models.norm import RMSNorm
 from src.models.plan import LayerPlan
+from src.models.token_reduction import FastVReducer
 from src.ops.attention import causal_self_attention
 from src.ops.layer_skip import gather_rows, scatter_add_rows
 
@@ -95,15 +96,15 @@ class DecoderConfig:
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """positions (S,) -> cos, sin (S, hd), half-split layout (as HF Llama/Qwen2)."""
+    """positions (..., S) -> cos, sin (..., S, hd), half-split layout (as HF Llama/Qwen2)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (S, hd/2)
+    freqs = positions.float()[..., None] * inv_freq  # (..., S, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (S, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, S, hd), cos/sin (S, hd) -> (B, H, S, hd)."""
+    """x (B, H, S, hd), cos/sin (S, hd) or per sample (B or 1, 1, S, hd) -> (B, H, S, hd)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -124,7 +125,7 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, S, d), cos/sin (S, hd) -> (B, S, d); causal."""
+        """x (B, S, d), cos/sin (S, hd) or (B or 1, 1, S, hd) -> (B, S, d); causal."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
@@ -165,13 +166,24 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: DecoderConfig, plan: LayerPlan, cross_init: str = "host") -> None:
+    """`fastv`: an in-LLM token drop (FastVReducer) run before layer `fastv.layer`."""
+
+    def __init__(self, config: DecoderConfig, plan: LayerPlan, cross_init: str = "host",
+                 fastv: Optional[FastVReducer] = None) -> None:
         super().__init__()
         if plan.n_layers != config.n_layers:
             raise ValueError(f"plan.n_layers={plan.n_layers} differs from decoder.n_layers={config.n_layers}")
         if cross_init not in ("host", "random"):
             raise ValueError(f"cross_init must be 'host' or 'random', got {cross_init!r}")
-        self.config, self.plan = config, plan
+        if fastv is not None:
+            K = fastv.layer
+            if K >= plan.n_layers:
+                raise ValueError(f"token_reducer.layer={K} must be < the number of layers ({plan.n_layers})")
+            prev = plan.kinds[K - 1]
+            if prev == "text" or (K - 1 in plan.optional_self and plan.skip_kind == "text"):
+                raise ValueError(f"token_reducer.layer={K}: layer {K - 1} must read the visual tokens (self or cross "
+                                 f"in every budget) to rank them, it is {prev!r} (skip kind {plan.skip_kind!r})")
+        self.config, self.plan, self.fastv = config, plan, fastv
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_layers))
@@ -214,9 +226,26 @@ class Decoder(nn.Module):
             host = self.layers[int(key)]
             cross.init_from_host(host.attn, host.input_norm)
 
-    def rope(self, V: int, T: int, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (V+T, hd) for positions 0..V+T-1 (visual 0..V-1, text V..)."""
-        return rope_cos_sin(torch.arange(V + T, device=device), self.config.head_dim, self.config.rope_theta, dtype)
+    @staticmethod
+    def positions(V: int, T: int, device: torch.device, visual_positions: Optional[torch.Tensor] = None,
+                  text_start: Optional[int] = None) -> torch.Tensor:
+        """RoPE positions of [visual; text] -> (N, V+T) int64, N = 1 or B.
+
+        Default: visual 0..V-1, text V... `visual_positions` (B, V): the visual tokens' own
+        positions (kept tokens of a token reducer keep their original ones); `text_start`: the
+        first text position (default V)."""
+        text_start = V if text_start is None else text_start
+        text_pos = torch.arange(text_start, text_start + T, device=device)
+        if visual_positions is None:
+            return torch.cat([torch.arange(V, device=device), text_pos]).unsqueeze(0)
+        assert visual_positions.dim() == 2 and visual_positions.shape[1] == V, (
+            f"visual_positions must be (B, V={V}), got {tuple(visual_positions.shape)}")
+        return torch.cat([visual_positions, text_pos.expand(visual_positions.shape[0], -1)], dim=1)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """positions (N, S) -> cos, sin (N, 1, S, hd) (N = 1 or B; broadcast over heads)."""
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
 
     def forward(
         self,
@@ -224,16 +253,23 @@ class Decoder(nn.Module):
         text: torch.Tensor,
         visual_kv_lens: Optional[torch.Tensor] = None,
         budget: Optional[Union[int, torch.Tensor]] = None,
+        positions: Optional[torch.Tensor] = None,
+        query_index: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run the plan.
 
         visual (B, V, d): projected visual tokens; text (B, T, d): embedded text tokens;
         visual_kv_lens (B,) or None: valid visual tokens per sample (cross layers only);
-        budget: None (the largest), a budget index for the whole batch, or (B,) int64 indices.
-        Returns (text hidden states after the final norm (B, T, d), visual hidden states (B, V, d)).
+        budget: None (the largest), a budget index for the whole batch, or (B,) int64 indices;
+        positions (N, V+T) from `positions` (default: 0..V+T-1); query_index (B,) int64: the
+        last prompt token per sample, whose attention ranks visual tokens for fastv (default T-1).
+        Returns (text hidden states after the final norm (B, T, d), visual hidden states (B, V', d);
+        V' < V after a fastv drop).
         """
-        cos, sin = self.rope(visual.shape[1], text.shape[1], text.device, text.dtype)
-        visual, text = self.run_layers(visual, text, 0, self.config.n_layers, cos, sin, budget, visual_kv_lens)
+        if positions is None:
+            positions = self.positions(visual.shape[1], text.shape[1], text.device)
+        visual, text, _ = self.run_layers(visual, text, 0, self.config.n_layers, positions, budget,
+                                          visual_kv_lens, query_index)
         return self.norm(text), visual
 
     def run_layers(
@@ -242,23 +278,37 @@ class Decoder(nn.Module):
         text: torch.Tensor,
         start: int,
         end: int,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        positions: torch.Tensor,
         budget: Optional[Union[int, torch.Tensor]] = None,
         visual_kv_lens: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Layers [start, end) -> (visual (B, V, d), text (B, T, d)), no final norm.
+        query_index: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layers [start, end) -> (visual (B, V', d), text (B, T, d), positions (N, V'+T)), no final norm.
 
-        cos, sin (V+T, hd) from `rope`. An optional self layer takes the self path for the samples
-        whose budget includes it and its `skip_kind` for the others: with mixed budgets the active
-        samples' rows are gathered, run and scattered back with the residual, so skipped samples do
-        no self-layer work.
+        positions (N, V+T) from `positions`. An optional self layer takes the self path for the
+        samples whose budget includes it and its `skip_kind` for the others: with mixed budgets the
+        active samples' rows are gathered, run and scattered back with the residual, so skipped
+        samples do no self-layer work. With `fastv`, layer K-1's attention from the query token
+        ranks the visual tokens and layers K.. see only the kept ones, at their own positions.
         """
         assert visual.dim() == 3 and text.dim() == 3, "visual (B, V, d) and text (B, T, d) expected"
         assert visual.shape[0] == text.shape[0] and visual.shape[2] == text.shape[2] == self.config.d_model
-        B = visual.shape[0]
+        B, T = visual.shape[0], text.shape[1]
+        assert positions.dim() == 2 and positions.shape[0] in (1, B) and positions.shape[1] == visual.shape[1] + T, (
+            f"positions must be (1 or B, V+T) = (1 or {B}, {visual.shape[1] + T}), got {tuple(positions.shape)}")
+        if query_index is None:
+            query_index = torch.full((B,), T - 1, dtype=torch.long, device=text.device)
+        assert query_index.shape == (B,), f"query_index must be (B,) = ({B},), got {tuple(query_index.shape)}"
         active = self._active(budget, B, text.device)  # (B, n_layers) bool
+        cos, sin = self.rope(positions, text.dtype)
         for i in range(start, end):
+            scores = None
+            if self.fastv is not None and i == self.fastv.layer - 1:
+                if visual_kv_lens is not None:
+                    raise NotImplementedError("fastv with per-sample visual lengths (visual_kv_lens)")
+                self_on = (active[:, i] if i in self.plan.optional_self
+                           else torch.full((B,), self.plan.kinds[i] == "self", device=text.device))
+                scores = self._visual_attention(i, self_on, visual, text, cos, sin, query_index)
             kind, mixed = self.plan.kinds[i], None
             if kind == "self" and i in self.plan.optional_self:
                 on = active[:, i]
@@ -273,7 +323,45 @@ class Decoder(nn.Module):
                 visual, text = self._gated_self(i, visual, text, mixed, cos, sin)
             else:
                 visual, text = self._layer(i, kind, visual, text, cos, sin, visual_kv_lens)
-        return visual, text
+            if scores is not None:
+                keep = self.fastv.select(scores)  # (B, V') ascending
+                visual = visual.gather(1, keep.unsqueeze(-1).expand(-1, -1, visual.shape[-1]))
+                vis_pos = positions[:, : scores.shape[1]].expand(B, -1).gather(1, keep)
+                positions = torch.cat([vis_pos, positions[:, scores.shape[1]:].expand(B, -1)], dim=1)
+                cos, sin = self.rope(positions, text.dtype)
+        return visual, text, positions
+
+    def _visual_attention(self, i: int, self_on: torch.Tensor, visual, text, cos, sin, query_index) -> torch.Tensor:
+        """(B, V): attention (softmax probabilities, mean over heads) the query token of each sample
+        gives each visual token at layer i, with the same weights and positions the layer uses:
+        self path -> the layer's causal self-attention over [visual; text]; cross path -> its cross
+        sublayer over the visual tokens. self_on (B,) bool: which samples take the self path."""
+        B, V, d = visual.shape
+        T = text.shape[1]
+        c = self.config
+        rows = torch.arange(B, device=text.device)
+        q_tok = text[rows, query_index].unsqueeze(1)  # (B, 1, d)
+        G = c.n_heads // c.n_kv_heads
+        scores = visual.new_zeros(B, V, dtype=torch.float32)
+        if bool(self_on.any()):
+            layer = self.layers[i]
+            x = layer.input_norm(torch.cat([visual, text], dim=1))  # (B, S, d)
+            q = layer.attn.q_proj(x[rows, V + query_index].unsqueeze(1)).view(B, 1, c.n_heads, c.head_dim).transpose(1, 2)
+            k = layer.attn.k_proj(x).view(B, V + T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+            cos_q = cos.expand(B, -1, -1, -1)[rows, :, V + query_index].unsqueeze(2)  # (B, 1, 1, hd)
+            sin_q = sin.expand(B, -1, -1, -1)[rows, :, V + query_index].unsqueeze(2)
+            q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
+            logits = q @ k.repeat_interleave(G, dim=1).transpose(-1, -2) / math.sqrt(c.head_dim)  # (B, H, 1, S)
+            future = torch.arange(V + T, device=text.device) > (V + query_index)[:, None]  # (B, S) causal
+            probs = logits.float().masked_fill(future[:, None, None, :], float("-inf")).softmax(-1)
+            scores = torch.where(self_on[:, None], probs[:, :, 0, :V].mean(1), scores)
+        if not bool(self_on.all()):
+            cross = self.cross[str(i)]
+            q = cross.q_proj(cross.norm_text(q_tok)).view(B, 1, c.n_heads, c.head_dim).transpose(1, 2)
+            k = cross.k_proj(cross.norm_visual(visual)).view(B, V, c.n_kv_heads, c.head_dim).transpose(1, 2)
+            logits = q @ k.repeat_interleave(G, dim=1).transpose(-1, -2) / math.sqrt(c.head_dim)  # (B, H, 1, V)
+            scores = torch.where(self_on[:, None], scores, logits.float().softmax(-1)[:, :, 0].mean(1))
+        return scores
 
     def _active(self, budget, B: int, device: torch.device) -> torch.Tensor:
         """(B, n_layers) bool: optional self layers on per sample (budget None: the largest)."""
@@ -295,7 +383,7 @@ class Decoder(nn.Module):
             return x[:, :V], x[:, V:]
         if kind == "cross":
             text = self.cross[str(i)](text, visual, visual_kv_lens)  # (B, T, d)
-        return visual, self.layers[i](text, cos[V:], sin[V:])  # text keeps positions V.. in every kind
+        return visual, self.layers[i](text, cos[..., V:, :], sin[..., V:, :])  # text keeps its positions in every kind
 
     def _gated_self(self, i: int, visual, text, on: torch.Tensor, cos, sin):
         """Optional self layer i with per-sample gates on (B,) bool: self path on the `on` rows, the
@@ -306,10 +394,13 @@ class Decoder(nn.Module):
         v_flat, t_flat = visual.reshape(B, V * d), text.reshape(B, T * d)
         v_on = gather_rows(v_flat, idx_on).view(-1, V, d)
         t_on = gather_rows(t_flat, idx_on).view(-1, T, d)
-        v_new, t_new = self._layer(i, "self", v_on, t_on, cos, sin, None)
+        def rows(idx):  # per-sample RoPE tables follow their samples
+            return (cos, sin) if cos.shape[0] == 1 else (cos[idx], sin[idx])
+
+        v_new, t_new = self._layer(i, "self", v_on, t_on, *rows(idx_on), None)
         v_off = gather_rows(v_flat, idx_off).view(-1, V, d)
         t_off = gather_rows(t_flat, idx_off).view(-1, T, d)
-        _, t_off_new = self._layer(i, self.plan.skip_kind, v_off, t_off, cos, sin, None)
+        _, t_off_new = self._layer(i, self.plan.skip_kind, v_off, t_off, *rows(idx_off), None)
         visual = scatter_add_rows(v_flat, idx_on, (v_new - v_on).reshape(-1, V * d)).view(B, V, d)
         t_flat = scatter_add_rows(t_flat, idx_on, (t_new - t_on).reshape(-1, T * d))
         text = scatter_add_rows(t_flat, idx_off, (t_off_new - t_off).reshape(-1, T * d)).view(B, T, d)

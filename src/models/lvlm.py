@@ -11,36 +11,48 @@ from src.models.plan import LayerPlan
 from src.models.policy import BudgetPolicy
 from src.models.projector import Projector, VisualPosConv
 from src.models.token_reduction import TokenReducer
-from src.models.vision import VisionEncoder
 
 
 class VisorLVLM(nn.Module):
     """A LLaVA-style LVLM whose decoder layers follow a VISOR LayerPlan.
 
     With `plan.all_self` and `pos_conv=False` it is the original LVLM (the base model).
+
+    `vision`: a VisionEncoder (any timm model) or any module with its interface (`out_dim`, `grid`,
+    `num_tokens`, `image_size`; images (B, 3, S, S) in [0, 1] -> tokens (B, V, out_dim)), such as
+    the SigLIP tower of src/models/siglip.py. `image_newline`: LLaVA-OneVision's learned token
+    appended after each image's visual tokens (after any token reduction), at the position right
+    after the image grid; the text follows it.
     """
 
     def __init__(
         self,
-        vision: VisionEncoder,
+        vision: nn.Module,
         decoder: DecoderConfig,
         plan: LayerPlan,
         pos_conv: bool = True,
         token_reducer: Optional[TokenReducer] = None,
         cross_init: str = "host",
         policy_hidden: Optional[int] = None,
+        image_newline: bool = False,
     ) -> None:
         super().__init__()
+        for attr in ("out_dim", "grid", "num_tokens", "image_size"):
+            if not hasattr(vision, attr):
+                raise TypeError(f"lvlm.vision ({type(vision).__name__}) lacks `{attr}`: see VisionEncoder's interface")
         self.vision = vision
         self.projector = Projector(vision.out_dim, decoder.d_model)
         self.pos_conv = VisualPosConv(decoder.d_model) if pos_conv else None
         self.token_reducer = token_reducer
-        self.visual_grid: Tuple[int, int] = vision.grid
+        # The grid the visual RoPE positions index: the encoder's, or the pooled one.
+        self.position_grid: Tuple[int, int] = vision.grid
         if token_reducer is not None:
-            self.visual_grid = token_reducer.output_grid(vision.grid)
-        self.decoder = Decoder(decoder, plan, cross_init)
+            self.position_grid = token_reducer.output_grid(vision.grid)
+        fastv = token_reducer if token_reducer is not None and token_reducer.in_llm else None
+        self.decoder = Decoder(decoder, plan, cross_init, fastv)
         # The budget router (policy stage): before the first optional self layer.
         self.policy = BudgetPolicy(decoder.d_model, plan.n_budgets, policy_hidden) if policy_hidden else None
+        self.image_newline = nn.Parameter(torch.zeros(decoder.d_model)) if image_newline else None
 
     @property
     def plan(self) -> LayerPlan:
@@ -48,31 +60,59 @@ class VisorLVLM(nn.Module):
 
     @property
     def num_visual_tokens(self) -> int:
-        """Visual tokens entering the LLM (after any token reduction)."""
-        return self.visual_grid[0] * self.visual_grid[1]
+        """Visual tokens entering the LLM (after any token reduction before it)."""
+        V0 = self.vision.num_tokens
+        V = V0 if self.token_reducer is None else self.token_reducer.n_tokens(V0)
+        return V + (1 if self.image_newline is not None else 0)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [0, 1] -> visual tokens at LLM width (B, V, d)."""
+    @property
+    def text_start(self) -> int:
+        """The first text position: after the position grid, and the image_newline if any."""
+        return self.position_grid[0] * self.position_grid[1] + (1 if self.image_newline is not None else 0)
+
+    def encode_images(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """images (B, 3, H, W) in [0, 1] -> (visual tokens at LLM width (B, V, d), their RoPE positions
+        (B, V) int64 when a selection reducer kept a subset, else None: positions 0..V-1)."""
         visual = self.projector(self.vision(images))  # (B, V0, d)
         if self.pos_conv is not None:
             visual = self.pos_conv(visual)
-        if self.token_reducer is not None:
-            visual = self.token_reducer(visual, self.vision.grid)  # (B, V, d)
-        return visual
+        positions = None
+        if self.token_reducer is not None and not self.token_reducer.in_llm:
+            visual, positions = self.token_reducer(visual, self.vision.grid)  # (B, V, d), (B, V) or None
+        if self.image_newline is None:
+            return visual, positions
+        B = visual.shape[0]
+        visual = torch.cat([visual, self.image_newline.to(visual.dtype).expand(B, 1, -1)], dim=1)  # (B, V+1, d)
+        if positions is not None:
+            after_grid = positions.new_full((B, 1), self.text_start - 1)
+            positions = torch.cat([positions, after_grid], dim=1)  # (B, V+1)
+        return visual, positions
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                budget: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
-        """images (B, 3, H, W), input_ids (B, T) right-padded, budget None (largest) / index / (B,)
-        indices -> logits (B, T, vocab)."""
+    def prepare_inputs(self, images: torch.Tensor, input_ids: torch.Tensor):
+        """images (B, 3, H, W), input_ids (B, T) -> visual (B, V, d), text embeddings (B, T, d),
+        positions (N, V+T): the text starts at `text_start` (after V0 positions when a selection
+        reducer kept a subset, as without reduction)."""
         assert input_ids.dim() == 2 and input_ids.shape[0] == images.shape[0], (
             f"input_ids must be (B, T) with B={images.shape[0]}, got {tuple(input_ids.shape)}")
-        visual = self.encode_images(images)
+        visual, visual_positions = self.encode_images(images)
         text = self.decoder.embed_tokens(input_ids)  # (B, T, d)
-        hidden, _ = self.decoder(visual, text, budget=budget)
+        positions = self.decoder.positions(visual.shape[1], text.shape[1], text.device, visual_positions,
+                                           self.text_start)
+        return visual, text, positions
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                budget: Optional[Union[int, torch.Tensor]] = None,
+                query_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images (B, 3, H, W), input_ids (B, T) right-padded, budget None (largest) / index / (B,)
+        indices, query_index (B,) the last prompt token (fastv ranks by its attention; default T-1)
+        -> logits (B, T, vocab)."""
+        visual, text, positions = self.prepare_inputs(images, input_ids)
+        hidden, _ = self.decoder(visual, text, budget=budget, positions=positions, query_index=query_index)
         return self.decoder.lm_head(hidden)
 
     def routed(self, images: torch.Tensor, input_ids: torch.Tensor, prompt_mask: torch.Tensor,
-               choose: Callable[[torch.Tensor], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               choose: Callable[[torch.Tensor], torch.Tensor],
+               query_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run with the router: layers before the first optional self layer, then the router on their
         hidden states (prompt_mask (B, T) bool marks the question tokens it pools), then
         `choose(router logits (B, K)) -> budgets (B,)`, then the rest at those budgets.
@@ -81,15 +121,23 @@ class VisorLVLM(nn.Module):
             raise ValueError("routed(): the model has no policy (model.lvlm.init_args.policy_hidden) or the plan "
                              "no optional self layers (plan.optional_self)")
         dec = self.decoder
-        visual = self.encode_images(images)
-        text = dec.embed_tokens(input_ids)  # (B, T, d)
-        cos, sin = dec.rope(visual.shape[1], text.shape[1], text.device, text.dtype)
+        visual, text, positions = self.prepare_inputs(images, input_ids)
         first = self.plan.first_optional
-        visual, text = dec.run_layers(visual, text, 0, first, cos, sin)
+        visual, text, positions = dec.run_layers(visual, text, 0, first, positions, query_index=query_index)
         router_logits = self.policy(text, prompt_mask, visual)  # (B, K)
         budgets = choose(router_logits)
-        visual, text = dec.run_layers(visual, text, first, dec.config.n_layers, cos, sin, budgets)
+        visual, text, _ = dec.run_layers(visual, text, first, dec.config.n_layers, positions, budgets,
+                                         query_index=query_index)
         return dec.lm_head(dec.norm(text)), router_logits, budgets
+
+    def generate(self, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 16, **kwargs):
+        """Cached generation from right-padded prompts: images (B, 3, H, W), input_ids (B, P),
+        prompt_lens (B,) (None: all P) -> src.models.generation.GenerationOutput (tokens (B, N), ...).
+        kwargs: budget, eos_id, pad_id, temperature, top_k, generator, prompt_mask (see `generate` there)."""
+        from src.models.generation import generate  # generation imports the decoder; keep this module light
+
+        return generate(self, images, input_ids, prompt_lens, max_new_tokens, **kwargs)
 
     def new_parameter_names(self) -> List[str]:
         """Parameters VISOR adds to a base LVLM: the cross sublayers, the positional conv, the router."""

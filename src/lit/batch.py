@@ -1,0 +1,24 @@
+"""How both LightningModules run the LVLM on a batch (images, input_ids, labels)."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from src.models.lvlm import VisorLVLM
+
+
+def query_index(labels: torch.Tensor) -> torch.Tensor:
+    """labels (B, T), -100 off the answers and already shifted (labels[t] is the target of position
+    t) -> (B,) int64: the last prompt token, the position that predicts the first answer token
+    (T-1 for a sample with no answer). With several turns in one sequence it is the first
+    question's; fastv ranks the visual tokens by this token's attention."""
+    assert labels.dim() == 2, f"labels must be (B, T), got {tuple(labels.shape)}"
+    answer = labels != -100
+    first = answer.to(torch.int8).argmax(dim=1)
+    return torch.where(answer.any(dim=1), first, torch.full_like(first, labels.shape[1] - 1))
+
+
+def batch_logits(lvlm: VisorLVLM, batch: dict, budget: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
+    """-> logits (B, T, vocab) at `budget` (None: the largest; an index; (B,) indices)."""
+    return lvlm(batch["images"], batch["input_ids"], budget=budget, query_index=query_index(batch["labels"]))

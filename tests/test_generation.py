@@ -1,0 +1,272 @@
+"""Cached generation (src/models/generation.py) against the uncached forward, sampling, eos, cache size."""
+import pytest
+import torch
+from torch import nn
+
+from src.models import FastVReducer, LayerPlan, VisionEncoder, VisorLVLM
+from src.models.generation import generate, visual_kv_bytes, visual_kv_ratio
+
+B, MAX_NEW = 4, 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast, and far faster when another process
+    keeps the cores busy (intra-op threads then spin against it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+PROMPT_LENS = [5, 3, 7, 1]  # right-padded to 7
+
+
+def _model(tiny_decoder_config, plan, fastv=None, policy=False, seed=0):
+    torch.manual_seed(seed)
+    m = VisorLVLM(VisionEncoder("test_byobnet", 2, 64), tiny_decoder_config, plan, pos_conv=True,
+                  token_reducer=fastv, policy_hidden=16 if policy else None).eval()
+    with torch.no_grad():  # make every part matter: live cross gates, a non-uniform router, large weights so
+        # that the image, the context and the budget all change the tokens (at the default init they barely do)
+        for cross in m.decoder.cross.values():
+            nn.init.constant_(cross.gate, 0.5)
+        for module in m.decoder.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.25)
+        for module in m.projector.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.3)
+        nn.init.normal_(m.decoder.embed_tokens.weight, std=1.0)
+        nn.init.normal_(m.pos_conv.conv.weight, std=0.1)
+        if policy:
+            nn.init.normal_(m.policy.fc2.weight, std=1.0)
+    return m
+
+
+def _prompts(vocab, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(B, max(PROMPT_LENS), dtype=torch.long)  # pad id 0
+    for b, n in enumerate(PROMPT_LENS):
+        ids[b, :n] = torch.randint(1, vocab, (n,), generator=g)
+    images = torch.rand(B, 3, 64, 64, generator=g)
+    return images, ids, torch.tensor(PROMPT_LENS)
+
+
+@torch.no_grad()
+def _uncached_greedy(m, images, ids, lens, budgets, max_new=MAX_NEW):
+    """No cache: the full forward over the growing right-padded sequences, argmax at each sample's last
+    position (fastv ranks by the last prompt token, as in validation)."""
+    seqs = [ids[b, : lens[b]].tolist() for b in range(B)]
+    for _ in range(max_new):
+        n = torch.tensor([len(s) for s in seqs])
+        batch = torch.zeros(B, int(n.max()), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            batch[b, : len(s)] = torch.tensor(s)
+        logits = m(images, batch, budget=budgets, query_index=lens - 1)  # (B, T, vocab)
+        for b, s in enumerate(seqs):
+            s.append(int(logits[b, n[b] - 1].argmax()))
+    return [s[int(lens[b]):] for b, s in enumerate(seqs)]
+
+
+PLANS = {
+    "all_self": dict(all_self=True),
+    "SCTC": dict(self_layers=[0], cross_layers=[1, 3]),
+    "optional_cross": dict(self_layers=[0, 2], optional_self=[2], cross_layers=[1, 3], skip_kind="cross"),
+    "optional_text": dict(self_layers=[0, 2], optional_self=[2], cross_layers=[1, 3], skip_kind="text"),
+    "two_optional": dict(self_layers=[0, 1, 2], optional_self=[1, 2], cross_layers=[3], skip_kind="text",
+                         budgets=[[], [1], [2], [1, 2]]),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+@pytest.mark.parametrize("fastv", [False, True])
+def test_cached_greedy_equals_uncached(tiny_decoder_config, name, fastv):
+    c = tiny_decoder_config
+    plan = LayerPlan(c.n_layers, **PLANS[name])
+    if fastv and name == "two_optional":
+        pytest.skip("layer 1 is optional with skip kind text: fastv needs it to read the image")
+    m = _model(c, plan, FastVReducer(layer=2, drop_ratio=0.5) if fastv else None)
+    images, ids, lens = _prompts(c.vocab_size)
+    # mixed per-sample budgets in one batch (every budget present when there are several)
+    budgets = torch.arange(B) % plan.n_budgets
+    out = generate(m, images, ids, lens, MAX_NEW, budget=budgets)
+    assert out.tokens.shape == (B, MAX_NEW) and out.lengths.tolist() == [MAX_NEW] * B
+    assert out.tokens.tolist() == _uncached_greedy(m, images, ids, lens, budgets)
+    assert out.budgets.tolist() == budgets.tolist()
+    assert out.cache.visual_bytes() == visual_kv_bytes(m, budgets)
+
+
+def test_padded_batch_equals_each_sample_alone_and_tokens_vary(tiny_decoder_config):
+    c = tiny_decoder_config
+    m = _model(c, LayerPlan(c.n_layers, **PLANS["optional_cross"]))
+    images, ids, lens = _prompts(c.vocab_size)
+    budgets = torch.tensor([1, 0, 0, 1])
+    batch = generate(m, images, ids, lens, MAX_NEW, budget=budgets).tokens
+    for b in range(B):
+        alone = generate(m, images[b:b + 1], ids[b:b + 1, : lens[b]], None, MAX_NEW, budget=int(budgets[b])).tokens
+        assert batch[b].tolist() == alone[0].tolist()
+    # the test model is not degenerate: the image and the budget change the tokens
+    assert not torch.equal(batch, generate(m, images.flip(0), ids, lens, MAX_NEW, budget=budgets).tokens)
+    assert not torch.equal(batch, generate(m, images, ids, lens, MAX_NEW, budget=1 - budgets).tokens)
+
+
+def test_router_budgets_match_routed_and_stay_fixed(tiny_decoder_config):
+    c = tiny_decoder_config
+    plan = LayerPlan(c.n_layers, **PLANS["two_optional"])
+    m = _model(c, plan, policy=True, seed=3)
+    images, ids, lens = _prompts(c.vocab_size, seed=4)
+    mask = torch.arange(ids.shape[1])[None, :] < lens[:, None]
+    out = generate(m, images, ids, lens, MAX_NEW, budget="policy")
+    with torch.no_grad():
+        _, router_logits, budgets = m.routed(images, ids, mask, lambda l: l.argmax(-1), query_index=lens - 1)
+    assert torch.allclose(out.router_logits, router_logits, atol=1e-5)
+    assert out.budgets.tolist() == budgets.tolist()
+    assert out.tokens.tolist() == _uncached_greedy(m, images, ids, lens, budgets)
+    # a callable chooser (e.g. select_budgets in a mode) is used as given
+    fixed = generate(m, images, ids, lens, 2, budget=lambda l: torch.full((l.shape[0],), 2, dtype=torch.long))
+    assert fixed.budgets.tolist() == [2] * B
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny_decoder_config):
+    c = tiny_decoder_config
+    m = _model(c, LayerPlan(c.n_layers, **PLANS["SCTC"]))
+    images, ids, lens = _prompts(c.vocab_size)
+
+    def sample(seed, **kw):
+        return generate(m, images, ids, lens, MAX_NEW, temperature=1.0, generator=torch.Generator().manual_seed(seed),
+                        **kw).tokens
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+    greedy = generate(m, images, ids, lens, MAX_NEW).tokens
+    assert torch.equal(m.generate(images, ids, lens, MAX_NEW).tokens, greedy)  # the VisorLVLM method
+    assert torch.equal(sample(5, top_k=1), greedy)
+    assert set(sample(2, top_k=3).flatten().tolist()) <= set(range(c.vocab_size))
+
+
+def test_eos_stops_each_sample(tiny_decoder_config):
+    c = tiny_decoder_config
+    m = _model(c, LayerPlan(c.n_layers, **PLANS["SCTC"]))
+    images, ids, lens = _prompts(c.vocab_size)
+    free = generate(m, images, ids, lens, MAX_NEW).tokens
+    eos = int(free[0, 2])  # sample 0 produces it at step 2
+    out = generate(m, images, ids, lens, MAX_NEW, eos_id=eos, pad_id=0)
+    for b in range(B):
+        row = free[b].tolist()
+        n = row.index(eos) + 1 if eos in row else MAX_NEW
+        assert out.lengths[b] == n
+        assert out.tokens[b, :n].tolist() == row[:n]
+        assert (out.tokens[b, n:] == 0).all()
+    assert out.lengths[0] <= 3
+    if (out.lengths < MAX_NEW).all():
+        assert out.tokens.shape[1] == int(out.lengths.max())  # stopped early once all were done
+
+
+@pytest.mark.parametrize("skip_kind", ["text", "cross"])
+def test_visual_kv_cache_shrinks_by_L_over_reading_layers(tiny_decoder_config, skip_kind):
+    from dataclasses import replace
+    c = replace(tiny_decoder_config, n_layers=6)
+    plan = LayerPlan(6, self_layers=[0, 2, 4], optional_self=[2, 4], cross_layers=[1, 3, 5], skip_kind=skip_kind)
+    m = _model(c, plan)
+    images, ids, lens = _prompts(c.vocab_size)
+    V = m.num_visual_tokens
+    for k in range(plan.n_budgets):
+        kinds = plan.budget_kinds(k)
+        reading = kinds.count("cross") + kinds.count("self")
+        assert visual_kv_ratio(m, k) == pytest.approx(6 / reading)
+        cache = generate(m, images, ids, lens, 2, budget=k).cache
+        assert cache.visual_bytes() == visual_kv_bytes(m, k, B) == B * reading * V * 2 * c.n_kv_heads * c.head_dim * 4
+    assert visual_kv_ratio(m, plan.smallest_budget) == pytest.approx(1.5 if skip_kind == "text" else 1.0)
+    # all-self: the cache holds V visual tokens at every layer
+    assert visual_kv_bytes(m, all_self=True) == 6 * V * 2 * c.n_kv_heads * c.head_dim * 4
+
+
+def test_bad_arguments_are_named(tiny_decoder_config):
+    c = tiny_decoder_config
+    m = _model(c, LayerPlan(c.n_layers, **PLANS["SCTC"]))
+    images, ids, lens = _prompts(c.vocab_size)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(m, images, ids, lens, 0)
+    with pytest.raises(ValueError, match="prompt_lens"):
+        generate(m, images, ids, torch.tensor([0, 1, 1, 1]), 2)
+    with pytest.raises(ValueError, match="policy_hidden"):
+        generate(m, images, ids, lens, 2, budget="policy")
+    with pytest.raises(IndexError, match="budget 3 out of range"):
+        generate(m, images, ids, lens, 2, budget=3)
+
+
+def test_split_prompt_cuts_each_sample_before_its_answer():
+    from src.data.tokenizer import WordTokenizer
+    from src.lit.predict import decode, split_prompt
+    # <bos> q q <sep> | a a   and   <bos> q <sep> | a, right-padded (pad 0); labels mark the answers
+    batch = {"input_ids": torch.tensor([[1, 7, 8, 3, 9, 10], [1, 7, 3, 9, 0, 0]]),
+             "labels": torch.tensor([[-100, -100, -100, 9, 10, 2], [-100, -100, 9, 2, -100, -100]])}
+    prompt, lens = split_prompt(batch, pad_id=0)
+    assert lens.tolist() == [4, 3] and prompt.tolist() == [[1, 7, 8, 3], [1, 7, 3, 0]]
+    tok = WordTokenizer(["x", "y"])  # ids 5, 6
+    assert decode(tok, [5, 6]) == "x y" and decode(tok, [5, 99, 6]) == "x <id 99> y"
+    from src.lit.predict import JsonlPredictionWriter
+    with pytest.raises(ValueError, match="predict_writer.output_path"):
+        JsonlPredictionWriter(str(__import__("pathlib").Path(__file__).parent))
+
+
+# ---------------------------------------------------------------------------------------------
+# `python -m src.cli predict` on tiny generated data
+# ---------------------------------------------------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+SMALL_DATA = ["--data.train_images", "2", "--data.val_images", "1", "--data.images_per_shard", "4",
+              "--data.num_workers", "0", "--data.val_batch_size", "8", "--data.image_size", "64"]
+FIELDS = {"id", "question", "answer", "prediction", "budget", "gflops", "gflops_total", "correct", "task",
+          "difficulty", "budget_layers", "prompt_tokens", "generated_tokens"}
+
+
+def _export(tmp_path, plan, pos_conv):
+    from src.lit.checkpoint_io import export_checkpoint
+    from src.models.decoder import DecoderConfig
+    torch.manual_seed(0)
+    model = VisorLVLM(VisionEncoder("test_byobnet", 2, 64, pos_embed="learned"), DecoderConfig(preset="tiny"), plan,
+                      pos_conv=pos_conv)
+    return str(export_checkpoint(model, tmp_path / "export", {}))
+
+
+def _read_jsonl(path, cli):
+    import json
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    n_samples = sum(len(b["key"]) for b in cli.datamodule.predict_dataloader())
+    assert len(rows) == n_samples > 3  # one line per question about the val image
+    assert all(set(r) == FIELDS for r in rows)
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert all(isinstance(r["question"], str) and r["question"] and isinstance(r["answer"], str) and r["answer"]
+               for r in rows)
+    return rows
+
+
+def test_cli_predict_writes_jsonl(tmp_path, monkeypatch):
+    from src.cli import main
+    from src.flops import sample_flops
+    monkeypatch.chdir(tmp_path)
+    export = _export(tmp_path, LayerPlan(6, all_self=True), pos_conv=False)
+    out = tmp_path / "preds" / "visor.jsonl"
+    cli = main(["predict", "--config", str(ROOT / "configs/visor.yaml"), "--model.base_checkpoint", export,
+                "--model.lvlm.init_args.vision.init_args.name", "test_byobnet", "--model.max_new_tokens", "3",
+                "--predict_writer.output_path", str(out), *SMALL_DATA])
+    rows = _read_jsonl(out, cli)
+    lvlm = cli.model.lvlm
+    assert all(r["budget"] == 0 and r["budget_layers"] == "SCTCTC" and 1 <= r["generated_tokens"] <= 3 for r in rows)
+    r = rows[0]
+    assert r["gflops"] == pytest.approx(sample_flops(lvlm, r["prompt_tokens"], 0).llm / 1e9)
+    # the question is the prompt's question span (no <bos>/<sep>), the answer what the labels supervise
+    assert all(r["question"].endswith("?") and "<" not in r["question"] + r["answer"] for r in rows)
+
+
+def test_cli_predict_policy_stage(tmp_path, monkeypatch):
+    from src.cli import main
+    monkeypatch.chdir(tmp_path)
+    plan = LayerPlan(6, self_layers=[0, 2, 4], optional_self=[2, 4], cross_layers=[1, 3, 5], skip_kind="text")
+    export = _export(tmp_path, plan, pos_conv=True)
+    out = tmp_path / "policy.jsonl"
+    cli = main(["predict", "--config", str(ROOT / "configs/policy.yaml"), "--model.init_args.universal_checkpoint",
+                export, "--model.init_args.lvlm.init_args.vision.init_args.name", "test_byobnet",
+                "--model.init_args.lvlm.init_args.vision.init_args.image_size", "64", "--model.init_args.inference",
+                "min", "--model.init_args.max_new_tokens", "2", "--predict_writer.output_path", str(out), *SMALL_DATA])
+    rows = _read_jsonl(out, cli)
+    assert all(r["budget"] == 0 and r["budget_layers"] == "SCTCTC" for r in rows)  # inference: min
