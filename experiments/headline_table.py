@@ -1,0 +1,124 @@
+"""The headline table: VISOR against token reduction, every row fine-tuned from the shipped base
+with the vision encoder frozen and one recipe (configs/visor.yaml's: 1400 steps, 300 of them new
+parts only), seed 0, run one after the other on one machine.
+
+    python experiments/headline_table.py [--only full_fastv50,...] [--table-only] [--steps N]
+
+Rows are fits under outputs/table/<row> (shared with experiments/foundation_table.py: `visor`,
+`full` and `full_pool2` are its rows, not rerun), plus two rows read from
+experiments/budget_report.py's runs: VISOR at each budget (the universal model) and VISOR with
+the REINFORCE router. A finished row is not rerun. Writes experiments/results/headline.{md,csv}
+and headline.png (hard accuracy vs LLM GFLOPs per sample, Pareto front marked).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.runs import run_fit, run_logdir  # noqa: E402
+from experiments.tb_scalars import latest_scalars  # noqa: E402
+from src.plots import pareto_chart  # noqa: E402
+
+FULL = ["--config", "configs/full.yaml"]
+VISOR = ["--config", "configs/visor.yaml"]
+
+
+def _delta(name: str) -> List[str]:
+    return ["--config", f"configs/token_reduction/{name}.yaml"]
+
+
+# name -> (description, fit arguments); fits in outputs/table/<name>
+FITS: Dict[str, tuple] = {
+    "full": ("full (every layer self)", FULL),
+    "visor": ("VISOR S C T C T C", VISOR),
+    "full_pool2": ("pool 2x2", FULL + _delta("pool2")),
+    "full_pool4": ("pool 4x4", FULL + _delta("pool4")),
+    "full_visionzip25": ("VisionZip-style 25%", FULL + _delta("visionzip25")),
+    "full_visionzip11": ("VisionZip-style 11%", FULL + _delta("visionzip11")),
+    "full_fastv50": ("FastV-style 50% dropped", FULL + _delta("fastv50")),
+    "full_fastv75": ("FastV-style 75% dropped", FULL + _delta("fastv75")),
+    "visor_pool2": ("VISOR + pool 2x2", VISOR + _delta("pool2")),
+}
+N_BUDGETS = 3  # configs/universal.yaml (experiments/budget_report.py)
+
+
+def _values(logdir: Path) -> dict:
+    return {k: v.value for k, v in latest_scalars(str(logdir), "val/").items()}
+
+
+def collect() -> List[dict]:
+    """One record per row that has results: description, easy, hard, LLM GFLOPs."""
+    records = []
+    for name, (what, _) in FITS.items():
+        logdir = run_logdir("table", name)
+        if (logdir / "DONE").exists():
+            v = _values(logdir)
+            records.append(dict(row=name, what=what, easy=v.get("val/acc/easy"), hard=v.get("val/acc/hard"),
+                                gflops=v.get("val/gflops"), read=v.get("val/acc/read"), count=v.get("val/acc/count")))
+    universal = run_logdir("budgets", "universal")
+    if (universal / "DONE").exists():
+        v = _values(universal)
+        for k in range(N_BUDGETS):
+            records.append(dict(row=f"universal@{k}", what=f"VISOR universal, budget {k}",
+                                easy=v.get(f"val/acc/easy@budget={k}"), hard=v.get(f"val/acc/hard@budget={k}"),
+                                gflops=v.get(f"val/gflops@budget={k}")))
+    policy = run_logdir("budgets", "policy_reinforce")
+    if (policy / "DONE").exists():
+        v = _values(policy)
+        records.append(dict(row="policy_reinforce", what="VISOR universal + REINFORCE router", easy=v.get("val/acc/easy"),
+                            hard=v.get("val/acc/hard"), gflops=v.get("val/gflops"), read=v.get("val/acc/read"),
+                            count=v.get("val/acc/count")))
+    return [r for r in records if None not in (r["easy"], r["hard"], r["gflops"])]
+
+
+def write(records: List[dict], out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full = next((r["gflops"] for r in records if r["row"] == "full"), None)
+    lines = ["Every row fine-tuned from the shipped base (encoder frozen, configs/visor.yaml's recipe, seed 0). "
+             "Accuracy in % (exact match, final validation: 500 images, 3000 questions); LLM GFLOPs per sample; "
+             "savings = full / row. The hard tasks are `read` and `count` (their columns: `-` where the run logs "
+             "no per-task accuracy per budget).", "",
+             "| row | what | easy | hard | read | count | LLM GFLOPs | savings |", "|---|---|---|---|---|---|---|---|"]
+    with open(out_dir / "headline.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "what", "seed", "easy", "hard", "read", "count", "llm_gflops", "savings"])
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+        for r in records:
+            savings = full / r["gflops"] if full else None
+            lines.append(f"| {r['row']} | {r['what']} | {pct(r['easy'])} | {pct(r['hard'])} | {pct(r.get('read'))} | "
+                         f"{pct(r.get('count'))} | {r['gflops']:.3f} | {'-' if savings is None else f'{savings:.2f}x'} |")
+            w.writerow([r["row"], r["what"], 0, r["easy"], r["hard"], r.get("read"), r.get("count"), r["gflops"],
+                        savings])
+    if records:
+        pareto_chart({r["row"]: (r["gflops"], 100 * r["hard"]) for r in records},
+                     title="hard accuracy vs LLM GFLOPs per sample", xlabel="LLM GFLOPs per sample",
+                     ylabel="hard accuracy %").save(out_dir / "headline.png")
+    text = "\n".join(lines) + "\n"
+    (out_dir / "headline.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps for every row")
+    ap.add_argument("--only", default=",".join(FITS), help="comma-separated fit rows to run")
+    ap.add_argument("--table-only", action="store_true", help="only (re)write the table from finished runs")
+    args = ap.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    unknown = set(names) - set(FITS)
+    if unknown:
+        sys.exit(f"--only: unknown rows {sorted(unknown)}; known: {list(FITS)}")
+    if not args.table_only:
+        for name in names:
+            run_fit("table", name, FITS[name][1], args.steps)
+    print(write(collect(), ROOT / "experiments" / "results"))
+
+
+if __name__ == "__main__":
+    main()
