@@ -13,7 +13,6 @@ histogram per difficulty of each policy.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.runs import run_fit, run_logdir  # noqa: E402
+from experiments.runs import parse_row_args, run_fit, run_logdir  # noqa: E402
 from experiments.tb_scalars import latest_scalars  # noqa: E402
 from src.plots import xy_chart  # noqa: E402
 
@@ -95,16 +94,8 @@ def write(records: list, out_dir: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps for every row")
-    ap.add_argument("--only", default=",".join(rows()), help="comma-separated rows")
-    ap.add_argument("--table-only", action="store_true", help="only (re)write the table from finished runs")
-    args = ap.parse_args()
     table = rows()
-    names = [n for n in args.only.split(",") if n]
-    unknown = set(names) - set(table)
-    if unknown:
-        sys.exit(f"--only: unknown rows {sorted(unknown)}; known: {list(table)}")
+    args, names = parse_row_args(__doc__, table)
     if not args.table_only:
         for name in names:
             run_fit(GROUP, name, table[name], args.steps)

@@ -9,7 +9,6 @@ accuracy per task and difficulty (final validation), LLM GFLOPs per sample, trai
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import platform
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.runs import run_fit, run_logdir  # noqa: E402
+from experiments.runs import parse_row_args, run_fit, run_logdir  # noqa: E402
 from experiments.tb_scalars import latest_scalars, scalar_values  # noqa: E402
 from src.data.generator import TASKS  # noqa: E402
 
@@ -70,15 +69,7 @@ def write_table(results: dict, out_dir: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps for every row")
-    ap.add_argument("--only", default=",".join(ROWS), help="comma-separated rows")
-    ap.add_argument("--table-only", action="store_true", help="only (re)write the table from finished runs")
-    args = ap.parse_args()
-    names = [n for n in args.only.split(",") if n]
-    unknown = set(names) - set(ROWS)
-    if unknown:
-        sys.exit(f"--only: unknown rows {sorted(unknown)}; known: {list(ROWS)}")
+    args, names = parse_row_args(__doc__, ROWS)
     results = {}
     for name in names:
         logdir = row_logdir(name)

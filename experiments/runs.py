@@ -6,6 +6,7 @@ not rerun. Relative paths in the arguments and configs resolve against `workdir`
 """
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -36,3 +37,19 @@ def run_fit(group: str, name: str, args: List[str], steps: Optional[int] = None,
     subprocess.run(cmd, cwd=workdir, check=True, env=env)
     done.write_text("ok\n")
     return logdir
+
+
+def parse_row_args(doc: str, rows, steps: bool = True):
+    """The row runners' shared CLI: --only (rows, validated against `rows`), --table-only and, for fits,
+    --steps -> (args, chosen row names in the order given)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if steps:
+        ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps for every row")
+    ap.add_argument("--only", default=",".join(rows), help="comma-separated rows")
+    ap.add_argument("--table-only", action="store_true", help="only (re)write the table from finished runs")
+    args = ap.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    unknown = set(names) - set(rows)
+    if unknown:
+        sys.exit(f"--only: unknown rows {sorted(unknown)}; known: {list(rows)}")
+    return args, names

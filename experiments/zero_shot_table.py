@@ -9,7 +9,6 @@ experiments/results/zero_shot.{md,csv}.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import subprocess
@@ -20,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.headline_table import FITS  # noqa: E402
+from experiments.runs import parse_row_args  # noqa: E402
 from experiments.tb_scalars import latest_scalars  # noqa: E402
 from src.data.generator import TASKS  # noqa: E402
 
@@ -66,14 +66,7 @@ def write(names, out_dir: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(ROWS), help="comma-separated rows")
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args()
-    names = [n for n in args.only.split(",") if n]
-    unknown = set(names) - set(ROWS)
-    if unknown:
-        sys.exit(f"--only: unknown rows {sorted(unknown)}; known: {list(ROWS)}")
+    args, names = parse_row_args(__doc__, ROWS, steps=False)
     if not args.table_only:
         for name in names:
             run(name)
