@@ -3,7 +3,8 @@
 The LVLM stages (base, VISOR, full, universal) use `VisorLitModule` with its arguments directly
 under `model:`. A config whose `model:` names a `class_path` (configs/policy.yaml:
 `src.lit.PolicyLitModule`) selects that LightningModule instead, with its arguments under
-`model.init_args`.
+`model.init_args`; likewise `data.class_path` selects the LightningDataModule (configs/encoder.yaml:
+the vision encoder's pretraining on generated scenes).
 
 `predict` answers the questions of a shard set (`data.predict_shards`, default the val split) with
 cached greedy generation and writes JSONL (`--predict_writer.output_path`; see src/lit/predict.py):
@@ -55,26 +56,31 @@ def _config_paths(argv: List[str]) -> List[str]:
     return paths
 
 
-def module_class_path(argv: List[str]) -> Optional[str]:
-    """The `model.class_path` named by the last config that names one, else None."""
+def module_class_path(argv: List[str], section: str = "model") -> Optional[str]:
+    """The `<section>.class_path` named by the last config that names one, else None."""
     found = None
     for path in _config_paths(argv):
         if Path(path).is_file():
-            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model")
-            if isinstance(model, dict) and "class_path" in model:
-                found = model["class_path"]
+            entry = (yaml.safe_load(Path(path).read_text()) or {}).get(section)
+            if isinstance(entry, dict) and "class_path" in entry:
+                found = entry["class_path"]
     return found
+
+
+def _import(class_path: str) -> type:
+    module_name, _, cls_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), cls_name)
 
 
 def main(args: Optional[List[str]] = None) -> LightningCLI:
     argv = sys.argv[1:] if args is None else list(args)
-    class_path = module_class_path(argv)
-    if class_path is None:
+    model_path, data_path = module_class_path(argv, "model"), module_class_path(argv, "data")
+    if model_path is None and data_path is None:
         return VisorCLI(VisorLitModule, VQADataModule, save_config_kwargs={"overwrite": True}, args=args)
-    module_name, _, cls_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return SubclassCLI(cls, VQADataModule, subclass_mode_model=True, save_config_kwargs={"overwrite": True},
-                       args=args)
+    return SubclassCLI(_import(model_path) if model_path else VisorLitModule,
+                       _import(data_path) if data_path else VQADataModule,
+                       subclass_mode_model=model_path is not None, subclass_mode_data=data_path is not None,
+                       save_config_kwargs={"overwrite": True}, args=args)
 
 
 if __name__ == "__main__":

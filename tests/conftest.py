@@ -36,6 +36,6 @@ def base_export(workdir):
     from src.models import DecoderConfig, LayerPlan, VisionEncoder, VisorLVLM
 
     torch.manual_seed(0)
-    base = VisorLVLM(VisionEncoder("lcnet_075", 2, 128, pos_embed="learned"), DecoderConfig(preset="tiny"),
+    base = VisorLVLM(VisionEncoder("lcnet_075", 2, 128, pos_embed="sincos", feature_norm=True), DecoderConfig(preset="tiny"),
                      LayerPlan(6, all_self=True), pos_conv=False)
     return str(export_checkpoint(base, workdir / "base", {}))

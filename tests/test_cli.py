@@ -17,10 +17,23 @@ def _fit(config, *extra):
 
 
 def test_base_config_trains_and_exports(workdir):
-    cli = _fit("configs/base.yaml")
+    encoder = str(ROOT / "checkpoints/encoder/model.safetensors")
+    cli = _fit("configs/base.yaml", "--model.lvlm.init_args.vision.init_args.weights_path", encoder)
     assert cli.trainer.global_step == 2
     assert (workdir / "outputs/base/export/model.safetensors").exists()
     assert (workdir / "data/base/tokenizer.json").exists()
+    # the base starts from the shipped pretrained encoder and keeps it frozen
+    from safetensors.torch import load_file
+    shipped = load_file(encoder)
+    vision = cli.model.lvlm.vision.state_dict()
+    assert set(vision) == set(shipped) and all(torch.equal(vision[k], shipped[k]) for k in shipped)
+
+
+@pytest.mark.parametrize("config", ["configs/visor.yaml", "configs/full.yaml"])
+def test_shipped_base_loads_into_the_main_configs(workdir, config):
+    """The main job's path: the shipped checkpoint fits the architecture the configs declare."""
+    cli = _fit(config, "--model.base_checkpoint", str(ROOT / "checkpoints/base"))
+    assert cli.trainer.global_step == 2
 
 
 TOKENS_IN_LLM = {"pool2": 64, "visionzip11": 28, "random25": 64, "fastv75": 256}

@@ -223,7 +223,7 @@ def _export(tmp_path, plan, pos_conv):
     from src.lit.checkpoint_io import export_checkpoint
     from src.models.decoder import DecoderConfig
     torch.manual_seed(0)
-    model = VisorLVLM(VisionEncoder("test_byobnet", 2, 64, pos_embed="learned"), DecoderConfig(preset="tiny"), plan,
+    model = VisorLVLM(VisionEncoder("test_byobnet", 2, 64, pos_embed="sincos", feature_norm=True), DecoderConfig(preset="tiny"), plan,
                       pos_conv=pos_conv)
     return str(export_checkpoint(model, tmp_path / "export", {}))
 

@@ -146,8 +146,9 @@ class SceneGenerator:
         box = (x0, y0, x0 + bw, y0 + bh)
         canvas.boxes.append(box)
         draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(255, 255, 255), outline=(0, 0, 0))
-        draw.text((x0 + 3 - tb[0], y0 + 3 - tb[1]), text, fill=(0, 0, 0), font=self.font)
-        scene["text_box"] = {"corner": corner, "text": text, "box": box}
+        origin = (x0 + 3 - tb[0], y0 + 3 - tb[1])
+        draw.text(origin, text, fill=(0, 0, 0), font=self.font)
+        scene["text_box"] = {"corner": corner, "text": text, "box": box, "glyphs": self._glyph_boxes(draw, origin, text)}
 
         # Maybe a large shape.
         scene["large"] = None
@@ -173,6 +174,16 @@ class SceneGenerator:
                         small.append({"color": color, "shape": shape, "box": b})
         scene["small"] = small
         return image, scene, self.questions(rng, scene)
+
+    def _glyph_boxes(self, draw: ImageDraw.ImageDraw, origin: Tuple[float, float], text: str) -> List[Box]:
+        """The inked box of each character of `text` drawn at `origin` (what dense encoder targets
+        locate: src/data/dense_targets.py)."""
+        boxes = []
+        for i, ch in enumerate(text):
+            x = origin[0] + self.font.getlength(text[:i])
+            b = draw.textbbox((x, origin[1]), ch, font=self.font)
+            boxes.append(tuple(int(round(v)) for v in b))
+        return boxes
 
     def _place_pair(self, rng: random.Random, canvas: _Canvas, draw: ImageDraw.ImageDraw) -> Optional[dict]:
         c = self.config

@@ -33,8 +33,11 @@ def exportable_state(model: VisorLVLM, dtype: torch.dtype = torch.float16) -> Di
 
 
 def architecture(model: VisorLVLM) -> dict:
-    return {"vision": {"name": model.vision.name, "feature_layer": model.vision.feature_layer,
-                       "image_size": model.vision.image_size},
+    v = model.vision
+    return {"vision": {"name": getattr(v, "name", type(v).__name__), "feature_layer": getattr(v, "feature_layer", None),
+                       "image_size": v.image_size, "pos_embed": getattr(v, "pos_embed_kind", None),
+                       "feature_norm": getattr(v, "feature_norm", None) is not None,
+                       "weights_path": getattr(v, "weights_path", None)},
             "decoder": model.decoder.config.to_dict(), "plan": model.plan.kinds,
             "pos_conv": model.pos_conv is not None,
             "parameters": sum(p.numel() for p in model.parameters())}

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional, Tuple
 
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 
@@ -14,15 +16,18 @@ class VisionEncoder(nn.Module):
 
     Works for CNNs and ViTs alike (timm returns NCHW maps for both, without CLS/prefix
     tokens). Input images are in [0, 1]; the encoder normalises with its own mean/std.
-    Random init by default; `checkpoint_path` loads local weights (no hub download).
+    Random init by default; `checkpoint_path` loads local timm weights into the backbone (no hub
+    download); `weights_path` loads a whole state of this encoder as the project's own encoder
+    pretraining exports it (configs/encoder.yaml: the stand-in for a CLIP/SigLIP encoder).
     `pos_embed` ("learned": trained from a truncated-normal init at std 0.02, "sincos": fixed 2-D
     sine-cosine, or None) adds an absolute position embedding to the output tokens, as a ViT
     (SigLIP, CLIP) has: a CNN's tokens otherwise say *what* is at a place but not *where*.
     `feature_norm` layer-normalises the features before the embedding is added, so that the two
-    have comparable scales (measured on the shipped base: raw lcnet features have norm 22.7, its
-    learned embedding 0.69). Tried as the base recipe with `sincos` (see the foundation issue
-    notes), it did not help: validation loss stayed at 0.70 through step 2500, where the shipped
-    recipe (`learned`, no norm) had reached 0.57.
+    have comparable scales (measured on the first base: raw lcnet features had norm 22.7, its
+    learned embedding 0.69, and its visual tokens did not say where they were: `spatial` stayed at
+    chance). The shipped base uses `sincos` + `feature_norm` on an encoder pretrained on dense
+    targets (configs/encoder.yaml); trained from scratch jointly with the LLM, the same pair had
+    not learned (foundation issue notes).
 
     images (B, 3, H, W) -> tokens (B, V, C) with V = h * w of the feature map.
     """
@@ -37,6 +42,7 @@ class VisionEncoder(nn.Module):
         std: Optional[Tuple[float, float, float]] = None,
         pos_embed: Optional[str] = None,
         feature_norm: bool = False,
+        weights_path: Optional[str] = None,
     ) -> None:
         super().__init__()
         if name not in timm.list_models():
@@ -75,20 +81,48 @@ class VisionEncoder(nn.Module):
             self.register_buffer("pos_embed", sincos_2d(self.grid, self.out_dim).unsqueeze(0), persistent=False)
         else:
             self.pos_embed = None
+        self.weights_path = weights_path
+        if weights_path is not None:
+            self.load_weights(weights_path)
 
     @property
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """What each token shows, before the position embedding: images (B, 3, H, W) -> (B, V, C).
+        The encoder pretraining (src/lit/encoder_pretrain.py) supervises these."""
         assert images.dim() == 4 and images.shape[1] == 3, f"images must be (B, 3, H, W), got {tuple(images.shape)}"
         assert images.shape[-2:] == (self.image_size, self.image_size), (
             f"images must be {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}")
         fmap = self.backbone((images - self.mean) / self.std)[-1]  # (B, C, h, w)
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, V, C)
-        if self.feature_norm is not None:
-            tokens = self.feature_norm(tokens)
+        return tokens if self.feature_norm is None else self.feature_norm(tokens)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.features(images)
         return tokens if self.pos_embed is None else tokens + self.pos_embed
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a state dict of this encoder (safetensors, as the encoder pretraining exports it);
+        every tensor must match by name and shape, else an error lists the differences and nothing
+        is loaded."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"vision.weights_path={path} does not exist (run the encoder pretraining: "
+                                    "python -m src.cli fit --config configs/encoder.yaml)")
+        state = load_file(str(path))
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or misshaped:
+            raise ValueError(f"vision.weights_path={path} does not fit this encoder ({self.name}, feature_layer "
+                             f"{self.feature_layer}, feature_norm {self.feature_norm is not None}, pos_embed "
+                             f"{self.pos_embed_kind}): missing {missing}, unexpected {unexpected}, "
+                             f"mis-shaped {misshaped}")
+        self.load_state_dict(state)
 
 
 def sincos_2d(grid: Tuple[int, int], dim: int, temperature: float = 100.0) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""Dense per-token targets from a generated scene description, for pretraining the vision encoder.
+
+A LLaVA-style LVLM starts from a vision encoder pretrained elsewhere (CLIP, SigLIP); its tokens
+already say what is where. The embedded default has no such encoder to download, so the project
+pretrains its own on the generator's scenes (src/lit/encoder_pretrain.py), supervised by these
+maps: for every token of the encoder's h x w grid, which objects are centred in it (multi-hot).
+Centres, not coverage, so that one object marks one token (what counting needs), and digits are
+split by which half of the token's cell their centre falls in, so that two digits in one cell
+keep their order (what reading needs).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+
+from src.data.generator import MEDIUM_COLORS, SHAPES, SMALL_COLORS, SMALL_SHAPES
+
+DIGITS = tuple(str(d) for d in range(10))
+
+
+def _channels() -> List[str]:
+    names = [f"large/{s}" for s in SHAPES] + ["large/cover"]
+    names += [f"medium/{c}" for c in MEDIUM_COLORS] + [f"medium/{s}" for s in SHAPES]
+    names += [f"small/{c}_{s}" for c in SMALL_COLORS for s in SMALL_SHAPES]
+    names += ["text/box"] + [f"digit_left/{d}" for d in DIGITS] + [f"digit_right/{d}" for d in DIGITS]
+    return names
+
+
+CHANNELS: Tuple[str, ...] = tuple(_channels())
+INDEX: Dict[str, int] = {name: i for i, name in enumerate(CHANNELS)}
+GROUPS: Tuple[str, ...] = tuple(dict.fromkeys(name.split("/")[0] for name in CHANNELS))
+
+
+def _cell(x: float, y: float, stride: Tuple[float, float], grid: Tuple[int, int]) -> Tuple[int, int]:
+    row = min(int(y // stride[0]), grid[0] - 1)
+    col = min(int(x // stride[1]), grid[1] - 1)
+    return row, col
+
+
+def _center(box) -> Tuple[float, float]:
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def dense_targets(scene: dict, grid: Tuple[int, int], image_size: int) -> torch.Tensor:
+    """scene (as `SceneGenerator.generate` returns it) -> multi-hot targets (len(CHANNELS), h, w).
+
+    A token (r, c) covers pixels [r * sy, (r + 1) * sy) x [c * sx, (c + 1) * sx) with
+    s = image_size / grid. `large/cover` and `text/box` mark every token whose cell centre lies
+    inside the large shape / the text box; the other channels mark the token holding an object's
+    centre."""
+    h, w = grid
+    if h < 1 or w < 1 or image_size < max(h, w):
+        raise ValueError(f"grid {grid} does not fit an image of {image_size} px")
+    stride = (image_size / h, image_size / w)
+    out = torch.zeros(len(CHANNELS), h, w)
+
+    def mark(name: str, box) -> None:
+        out[(INDEX[name], *_cell(*_center(box), stride, grid))] = 1.0
+
+    def cover(name: str, box) -> None:
+        # rows r with box[1] <= (r + 0.5) * sy < box[3], likewise columns
+        r0, r1 = (max(0, math.ceil(box[k] / stride[0] - 0.5)) for k in (1, 3))
+        c0, c1 = (max(0, math.ceil(box[k] / stride[1] - 0.5)) for k in (0, 2))
+        out[INDEX[name], r0:r1, c0:c1] = 1.0
+
+    large = scene.get("large")
+    if large is not None:
+        mark(f"large/{large['shape']}", large["box"])
+        cover("large/cover", large["box"])
+    pair = scene.get("medium")
+    if pair is not None:
+        for obj in (pair["a"], pair["b"]):
+            mark(f"medium/{obj['color']}", obj["box"])
+            mark(f"medium/{obj['shape']}", obj["box"])
+    for obj in scene.get("small", []):
+        mark(f"small/{obj['color']}_{obj['shape']}", obj["box"])
+    text_box = scene["text_box"]
+    cover("text/box", text_box["box"])
+    for ch, box in zip(text_box["text"], text_box["glyphs"]):
+        x, y = _center(box)
+        r, c = _cell(x, y, stride, grid)
+        side = "left" if x - c * stride[1] < stride[1] / 2 else "right"
+        out[INDEX[f"digit_{side}/{ch}"], r, c] = 1.0
+    return out
