@@ -31,6 +31,7 @@ def _channels() -> List[str]:
 CHANNELS: Tuple[str, ...] = tuple(_channels())
 INDEX: Dict[str, int] = {name: i for i, name in enumerate(CHANNELS)}
 GROUPS: Tuple[str, ...] = tuple(dict.fromkeys(name.split("/")[0] for name in CHANNELS))
+GROUP_CHANNELS: Dict[str, List[int]] = {g: [i for i, n in enumerate(CHANNELS) if n.split("/")[0] == g] for g in GROUPS}
 
 
 def _cell(x: float, y: float, stride: Tuple[float, float], grid: Tuple[int, int]) -> Tuple[int, int]:

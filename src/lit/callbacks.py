@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
 import lightning as L
 
-from src.lit.checkpoint_io import export_checkpoint
+from src.lit.checkpoint_io import export_checkpoint, fit_manifest
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +21,6 @@ class ExportCheckpoint(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        dm = trainer.datamodule
-        manifest = {
-            "recipe": self.config_path,
-            "recipe_text": Path(self.config_path).read_text() if self.config_path and Path(self.config_path).exists() else None,
-            "data": dict(dm.hparams) if dm is not None else None,
-            "module": dict(pl_module.hparams),
-            "global_step": trainer.global_step,
-            "validation": metrics,
-        }
+        manifest = {**fit_manifest(trainer, self.config_path), "module": dict(pl_module.hparams)}
         out = export_checkpoint(pl_module.lvlm, self.dirpath, manifest)
-        log.info("exported base checkpoint to %s (val/acc=%s)", out, metrics.get("val/acc"))
+        log.info("exported base checkpoint to %s (val/acc=%s)", out, manifest["validation"].get("val/acc"))

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from src.models.lvlm import VisorLVLM
+from src.models.state_check import state_differences
 
 
 class CheckpointMismatch(RuntimeError):
@@ -50,6 +51,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+def fit_manifest(trainer, config_path: Optional[str]) -> dict:
+    """What a fit's export records beside the weights: the recipe (path and text), the data
+    module's settings, the step and the last validation metrics."""
+    dm = trainer.datamodule
+    return {
+        "recipe": config_path,
+        "recipe_text": Path(config_path).read_text() if config_path and Path(config_path).exists() else None,
+        "data": dict(dm.hparams) if dm is not None else None,
+        "global_step": trainer.global_step,
+        "validation": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+    }
+
+
 def export_checkpoint(model: VisorLVLM, out_dir: str | Path, manifest: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,12 +89,9 @@ def load_base_checkpoint(model: VisorLVLM, path: str | Path,
     base = load_file(str(path))
     target = model.state_dict()
     alias = _tied_alias(model)
-    allowed = set(model.new_parameter_names() if may_lack is None else may_lack)
+    allowed = model.new_parameter_names() if may_lack is None else may_lack
     model_keys = {k for k in target if k != alias}
-    missing = sorted(model_keys - set(base) - allowed)
-    unexpected = sorted(set(base) - model_keys)
-    misshaped = sorted(f"{k}: checkpoint {tuple(base[k].shape)} vs model {tuple(target[k].shape)}"
-                       for k in model_keys & set(base) if base[k].shape != target[k].shape)
+    missing, unexpected, misshaped = state_differences({k: target[k] for k in model_keys}, base, allowed)
     if missing or unexpected or misshaped:
         raise CheckpointMismatch(f"{path} does not fit the model:\n  missing: {missing}\n"
                                  f"  unexpected: {unexpected}\n  mis-shaped: {misshaped}")

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from src.data.dense_targets import CHANNELS, GROUPS, INDEX, dense_targets
-from src.lit.checkpoint_io import git_commit
-from src.lit.module import warmup_cosine
+from src.data.dense_targets import CHANNELS, GROUP_CHANNELS, GROUPS, dense_targets
+from src.lit.checkpoint_io import fit_manifest, git_commit
+from src.lit.module import warmup_cosine, weight_decays
 from src.models.vision import VisionEncoder
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,7 @@ class EncoderPretrainModule(L.LightningModule):
         s = self._stats
         s["loss"] += self._loss(logits, target).item()
         s["batches"] += 1
-        for g, group in enumerate(GROUPS):
-            idx = [INDEX[n] for n in CHANNELS if n.split("/")[0] == group]
+        for g, idx in enumerate(GROUP_CHANNELS.values()):
             p, t = pred[..., idx], target[..., idx]
             s["tp"][g] += (p * t).sum().item()
             s["fp"][g] += (p * (1 - t)).sum().item()
@@ -109,8 +108,8 @@ class EncoderPretrainModule(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        decay = [p for n, p in self.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        other = [p for n, p in self.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        decay = [p for n, p in self.named_parameters() if weight_decays(n, p)]
+        other = [p for n, p in self.named_parameters() if not weight_decays(n, p)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
                                  {"params": other, "weight_decay": 0.0}], lr=h.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -126,16 +125,11 @@ class EncoderPretrainModule(L.LightningModule):
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.vision.state_dict().items()}
         save_file(state, str(out / "model.safetensors"))
         v = self.vision
-        config = self.hparams.config_path
         manifest = {
             "vision": {"name": v.name, "feature_layer": v.feature_layer, "image_size": v.image_size,
                        "pos_embed": v.pos_embed_kind, "feature_norm": v.feature_norm is not None},
-            "recipe": config,
-            "recipe_text": Path(config).read_text() if config and Path(config).exists() else None,
             "commit": git_commit(),
-            "global_step": self.trainer.global_step,
-            "data": dict(self.trainer.datamodule.hparams) if self.trainer.datamodule is not None else None,
-            "validation": {k: float(x) for k, x in self.trainer.callback_metrics.items() if k.startswith("val/")},
+            **fit_manifest(self.trainer, self.hparams.config_path),
             "channels": list(CHANNELS),
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

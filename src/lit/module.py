@@ -298,7 +298,7 @@ class VisorLitModule(L.LightningModule):
             if (h.freeze_vision and n.startswith("lvlm.vision.")) or id(p) in seen:
                 continue
             seen.add(id(p))
-            decays = p.dim() >= 2 and "embed" not in n
+            decays = weight_decays(n, p)
             groups[(n in new or not new, decays)].append(p)  # no base checkpoint: everything is "new"
         param_groups, starts = [], []
         for (is_new, decays), params in groups.items():
@@ -311,6 +311,11 @@ class VisorLitModule(L.LightningModule):
             opt, [functools.partial(warmup_cosine, start=s, warmup=h.warmup_steps, total=total,
                                     min_ratio=h.min_lr_ratio) for s in starts])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def weight_decays(name: str, param: torch.nn.Parameter) -> bool:
+    """AdamW decays matrices, not biases, norms or embeddings."""
+    return param.dim() >= 2 and "embed" not in name
 
 
 def warmup_cosine(step: int, start: int, warmup: int, total: int, min_ratio: float) -> float:

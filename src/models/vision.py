@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from src.models.state_check import state_differences
+
 
 class VisionEncoder(nn.Module):
     """Wraps `timm.create_model(name, features_only=True, out_indices=(feature_layer,))`.
@@ -114,9 +116,7 @@ class VisionEncoder(nn.Module):
             raise FileNotFoundError(f"vision.weights_path={path} does not exist (run the encoder pretraining: "
                                     "python -m src.cli fit --config configs/encoder.yaml)")
         state = load_file(str(path))
-        own = self.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        missing, unexpected, misshaped = state_differences(self.state_dict(), state)
         if missing or unexpected or misshaped:
             raise ValueError(f"vision.weights_path={path} does not fit this encoder ({self.name}, feature_layer "
                              f"{self.feature_layer}, feature_norm {self.feature_norm is not None}, pos_embed "
