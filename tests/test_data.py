@@ -171,6 +171,24 @@ def test_shards_made_with_other_settings_are_not_reused(tmp_path):
         ensure_default_dataset(tmp_path, 4, 2, seed=1, images_per_shard=2)
     with pytest.raises(ValueError, match=r"data.val_images"):
         ensure_default_dataset(tmp_path, 4, 3, seed=0, images_per_shard=2)
+    with pytest.raises(ValueError, match=r"data.train_aux_questions: on disk None, configured True"):
+        ensure_default_dataset(tmp_path, 4, 2, seed=0, images_per_shard=2, train_aux_questions=True)
     (tmp_path / "meta.json").unlink()
     with pytest.raises(ValueError, match="no meta.json"):
         ensure_default_dataset(tmp_path, 4, 2, seed=0, images_per_shard=2)
+
+
+def test_train_tasks_keeps_only_those_tasks(tmp_path):
+    count = {**_qa("how many red circles are there ?", "2"), "task": "count", "difficulty": "hard"}
+    shard = _write(tmp_path / "mixed-00000.tar", [
+        {"__key__": "nofield", "png": _png(), "json": json.dumps({"question": "q ?", "answer": "a"}).encode()},
+        {"__key__": "a", "png": _png(), "json": json.dumps({"qa": [_qa(), count]}).encode()},
+        {"__key__": "b", "png": _png(), "json": json.dumps({"qa": [_qa()]}).encode()},
+    ])
+    out = _read([shard], tasks=["count"])
+    assert [(s["key"], s["task"]) for s in out] == [("a", "count")]
+    assert [s["task"] for s in _read([shard], tasks=["background", "count"])] == ["background", "count", "background"]
+    # a malformed sample is still counted as bad, not filtered away as another task
+    assert collate(_read([shard], tasks=["background"]), TOK.pad_id)["skipped"] == {"missing_field": 1}
+    with pytest.raises(ValueError, match="data.train_tasks"):
+        QAExpander(TOK, 32, 24, tasks=[])

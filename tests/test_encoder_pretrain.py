@@ -52,6 +52,24 @@ def test_cover_marks_exactly_the_cells_whose_centre_is_inside_the_box():
         assert torch.equal(got, want), box
 
 
+def test_large_and_medium_objects_mark_every_token_they_cover():
+    for _, scene, _ in _scenes(60):
+        t = dense_targets(scene, GRID, SIZE)
+        large, pair = scene["large"], scene["medium"]
+        for shape in ("circle", "square", "triangle"):
+            want = t[INDEX["large/cover"]] if large and large["shape"] == shape else torch.zeros(16, 16)
+            assert torch.equal(t[INDEX[f"large/{shape}"]], want)
+        if large:
+            assert t[INDEX["large/cover"]].sum() >= 9  # a 32-40 px shape covers at least 3 x 3 cell centres
+        if pair:
+            for obj in (pair["a"], pair["b"]):
+                box_only = {"text_box": {"box": obj["box"], "text": "", "glyphs": []}, "large": None, "medium": None,
+                            "small": []}
+                cells = dense_targets(box_only, GRID, SIZE)[INDEX["text/box"]]  # the cover rule tested above
+                assert cells.sum() >= 1 and torch.all(t[INDEX[f"medium/{obj['color']}"]][cells > 0] == 1)
+                assert torch.all(t[INDEX[f"medium/{obj['shape']}"]][cells > 0] == 1)
+
+
 def test_digits_keep_their_order_and_glyph_boxes_hold_ink():
     for image, scene, _ in _scenes():
         tb = scene["text_box"]

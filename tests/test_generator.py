@@ -1,6 +1,7 @@
 import numpy as np
 
-from src.data.generator import (BACKGROUNDS, MEDIUM_COLORS, SMALL_COLORS, SceneGenerator, relation, vocabulary)
+from src.data.generator import (AUX_TASKS, BACKGROUNDS, LARGE_COLOR, MEDIUM_COLORS, SMALL_COLORS, TASKS, SceneGenerator, relation,
+                                vocabulary)
 from src.data.tokenizer import WordTokenizer
 
 
@@ -54,3 +55,30 @@ def test_count_answers_cover_the_range():
     gen = SceneGenerator(seed=1)
     answers = {qa["answer"] for i in range(60) for qa in gen.generate(i)[2] if qa["task"] == "count"}
     assert answers == {"0", "1", "2", "3"}
+
+
+def test_aux_questions_are_right_and_change_nothing_else():
+    plain, aux = SceneGenerator(seed=5), SceneGenerator(seed=5, aux_questions=True)
+    tok = WordTokenizer(vocabulary())
+    seen = set()
+    for i in range(40):
+        (ip, sp, qp), (ia, sa, qa) = plain.generate(i), aux.generate(i)
+        assert ip.tobytes() == ia.tobytes() and sp == sa
+        assert qa[:len(qp)] == qp and {q["task"] for q in qp} <= set(TASKS)  # the evaluated ones are untouched
+        for q in qa[len(qp):]:
+            seen.add(q["task"])
+            assert tok.unk_id not in tok.encode(q["question"]) + tok.encode(q["answer"])
+            if q["task"] == "large_shape":
+                assert q["answer"] == (sa["large"]["shape"] if sa["large"] else "none")
+                if sa["large"]:  # the shape's centre pixel is the large colour: it was drawn there
+                    assert _pixel(ia, sa["large"]["box"]) == LARGE_COLOR
+            elif q["task"] == "digits":
+                assert q["answer"].split() == sorted(sa["text_box"]["text"])
+            else:
+                color, shape = q["question"].split()[3:5]
+                (obj,) = [o for o in (sa["medium"]["a"], sa["medium"]["b"]) if (o["color"], o["shape"]) == (color, shape)]
+                cx, cy = (obj["box"][0] + obj["box"][2]) / 2, (obj["box"][1] + obj["box"][3]) / 2
+                row, col = q["answer"].split()
+                assert ("top", "middle", "bottom")[min(2, int(cy * 3 // 128))] == row
+                assert ("left", "center", "right")[min(2, int(cx * 3 // 128))] == col
+    assert seen == set(AUX_TASKS)

@@ -19,7 +19,10 @@ class VQADataModule(L.LightningDataModule):
 
     With `generate: true` (the embedded default) missing shards are generated from `seed`.
     `train_turns` > 1 packs that many questions about one image into each training sequence
-    (multi-turn, as LLaVA); validation is always one question per sequence.
+    (multi-turn, as LLaVA); validation is always one question per sequence. `train_tasks` (default
+    all) trains on those tasks' questions only; validation still scores every task.
+    `train_aux_questions` adds the generator's training-only questions (`AUX_TASKS`: the large
+    object's shape, a medium object's 3 x 3 cell) to the generated train split (the base's recipe).
     `tokenizer_path` (default `root/tokenizer.json`): our word tokenizer file or a Hugging Face
     tokenizer.json (or its folder), laid out in `chat_template` (a name in
     `src.data.tokenizer.CHAT_TEMPLATES`; Hugging Face tokenizers only).
@@ -44,6 +47,8 @@ class VQADataModule(L.LightningDataModule):
         strict: bool = False,
         shuffle_buffer: int = 2000,
         train_turns: int = 1,
+        train_tasks: Optional[List[str]] = None,
+        train_aux_questions: bool = False,
         tokenizer_path: Optional[str] = None,
         chat_template: str = "chatml",
         predict_shards: Optional[str] = None,
@@ -63,13 +68,15 @@ class VQADataModule(L.LightningDataModule):
         resolve_chat_template(chat_template, field="data.chat_template")  # validates the name
         self.save_hyperparameters()
         self.root = Path(root)
-        QAExpander(WordTokenizer([]), image_size, max_text_len, overlength, strict, train_turns)  # validates
+        QAExpander(WordTokenizer([]), image_size, max_text_len, overlength, strict, train_turns,
+                   train_tasks)  # validates
         self.tokenizer: Optional[ChatTokenizer] = None
 
     def prepare_data(self) -> None:
         h = self.hparams
         if h.generate:
-            ensure_default_dataset(self.root, h.train_images, h.val_images, h.seed, h.images_per_shard)
+            ensure_default_dataset(self.root, h.train_images, h.val_images, h.seed, h.images_per_shard,
+                                   h.train_aux_questions)
         elif h.tokenizer_path is None and not (self.root / "tokenizer.json").exists():
             raise FileNotFoundError(f"data.root={self.root} has no tokenizer.json (and data.generate is false)")
 
@@ -78,7 +85,8 @@ class VQADataModule(L.LightningDataModule):
         path = h.tokenizer_path if h.tokenizer_path is not None else self.root / "tokenizer.json"
         self.tokenizer = load_tokenizer(path, chat_template=h.chat_template)
         self.expanders = {split: QAExpander(self.tokenizer, h.image_size, h.max_text_len, h.overlength, h.strict,
-                                            turns=h.train_turns if split == "train" else 1)
+                                            turns=h.train_turns if split == "train" else 1,
+                                            tasks=h.train_tasks if split == "train" else None)
                           for split in ("train", "val")}
 
     def shards(self, split: str) -> List[str]:

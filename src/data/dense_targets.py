@@ -48,9 +48,12 @@ def dense_targets(scene: dict, grid: Tuple[int, int], image_size: int) -> torch.
     """scene (as `SceneGenerator.generate` returns it) -> multi-hot targets (len(CHANNELS), h, w).
 
     A token (r, c) covers pixels [r * sy, (r + 1) * sy) x [c * sx, (c + 1) * sx) with
-    s = image_size / grid. `large/cover` and `text/box` mark every token whose cell centre lies
-    inside the large shape / the text box; the other channels mark the token holding an object's
-    centre."""
+    s = image_size / grid. The large and medium objects' channels (and `text/box`) mark every
+    token whose cell centre lies inside the object's box, as a CLIP patch on part of an object
+    says what the object is: with the large shape marked at its centre token only, a decoder that
+    found the large object (its cover) still had to find that one token to tell the shape, and a
+    base trained on it never did (it answered from presence alone). The small objects (6 px, can
+    cover no cell centre) and the digits mark the token holding their centre."""
     h, w = grid
     if h < 1 or w < 1 or image_size < max(h, w):
         raise ValueError(f"grid {grid} does not fit an image of {image_size} px")
@@ -68,13 +71,13 @@ def dense_targets(scene: dict, grid: Tuple[int, int], image_size: int) -> torch.
 
     large = scene.get("large")
     if large is not None:
-        mark(f"large/{large['shape']}", large["box"])
+        cover(f"large/{large['shape']}", large["box"])
         cover("large/cover", large["box"])
     pair = scene.get("medium")
     if pair is not None:
         for obj in (pair["a"], pair["b"]):
-            mark(f"medium/{obj['color']}", obj["box"])
-            mark(f"medium/{obj['shape']}", obj["box"])
+            cover(f"medium/{obj['color']}", obj["box"])
+            cover(f"medium/{obj['shape']}", obj["box"])
     for obj in scene.get("small", []):
         mark(f"small/{obj['color']}_{obj['shape']}", obj["box"])
     text_box = scene["text_box"]

@@ -10,6 +10,15 @@ tests can check them). One scene holds:
 - a small box in a corner with 2 digits        -> `read`       (hard): glyphs 5-6 px wide
 - 0-3 small objects (6 px) of each of red/blue x circle/square -> `count` (hard)
 
+Training-only auxiliary questions (`aux_questions=True`; the base's training split, as LLaVA's
+alignment stage trains on descriptions before instructions) ask for one fact at a time that the
+evaluated tasks combine: the large object's shape (`large_shape`; `large` asks yes/no about one
+shape, which a model answers 83% right from presence alone and so never learns the shape), and
+where a medium object lies on a 3 x 3 grid of the image (`locate`; `spatial` compares two such
+positions), and which digits the box holds, in increasing order (`digits`; `read` also needs
+their left-to-right order). They come after the evaluated questions and draw nothing at random, so the images
+and the evaluated questions of a seed are the same with or without them.
+
 `hard` means the answer needs detail finer than 2x2 pooling of a stride-8 token grid keeps
 (16 px cells): two digits share one pooled cell, as do neighbouring small objects of different
 colour-shape kinds (so pooling mixes their features: the binding problem).
@@ -34,7 +43,10 @@ RELATIONS = ("left", "right", "above", "below")
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 TASKS = ("background", "large", "spatial", "read", "count")
-DIFFICULTY = {"background": "easy", "large": "easy", "spatial": "easy", "read": "hard", "count": "hard"}
+AUX_TASKS = ("large_shape", "locate", "digits")  # training-only (see the module docstring)
+DIFFICULTY = {"background": "easy", "large": "easy", "spatial": "easy", "read": "hard", "count": "hard",
+              "large_shape": "easy", "locate": "easy", "digits": "hard"}
+ROWS3, COLS3 = ("top", "middle", "bottom"), ("left", "center", "right")
 
 Box = Tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive-exclusive)
 
@@ -67,6 +79,7 @@ def vocabulary() -> List[str]:
     words += list(BACKGROUNDS) + list(MEDIUM_COLORS) + list(SMALL_COLORS)
     words += list(SHAPES) + [s + "s" for s in SHAPES] + list(RELATIONS)
     words += [str(d) for d in range(10)]
+    words += ["shape", "object", "none", "which", "digits"] + list(ROWS3) + list(COLS3)  # auxiliary questions (appended: ids stay)
     return list(dict.fromkeys(words))
 
 
@@ -120,9 +133,10 @@ def relation(a: Box, b: Box) -> str:
 class SceneGenerator:
     """`generate(index)` is a pure function of (seed, index): shards can be written in any order."""
 
-    def __init__(self, seed: int = 0, config: Optional[GeneratorConfig] = None) -> None:
+    def __init__(self, seed: int = 0, config: Optional[GeneratorConfig] = None, aux_questions: bool = False) -> None:
         self.seed = seed
         self.config = config or GeneratorConfig()
+        self.aux_questions = aux_questions
         self.font = ImageFont.load_default(size=self.config.font_size)
 
     def generate(self, index: int) -> Tuple[Image.Image, dict, List[dict]]:
@@ -228,6 +242,22 @@ class SceneGenerator:
         for color, shape in rng.sample(kinds, min(self.config.count_questions, len(kinds))):
             n = sum(1 for o in scene["small"] if o["color"] == color and o["shape"] == shape)
             qa.append(_qa("count", f"how many {color} {shape}s are there ?", str(n)))
+        if self.aux_questions:
+            qa += self.aux(scene)
+        return qa
+
+    def aux(self, scene: dict) -> List[dict]:
+        """The training-only questions: the large object's shape, each medium object's cell of a
+        3 x 3 grid (by its centre), the box's digits sorted."""
+        large = scene["large"]
+        qa = [_qa("large_shape", "what shape is the large object ?", large["shape"] if large else "none")]
+        third = self.config.image_size / 3
+        for obj in (scene["medium"] or {}).values():
+            if isinstance(obj, dict):
+                x, y = _center(obj["box"])
+                where = f"{ROWS3[min(2, int(y // third))]} {COLS3[min(2, int(x // third))]}"
+                qa.append(_qa("locate", f"where is the {obj['color']} {obj['shape']} ?", where))
+        qa.append(_qa("digits", "which digits are in the box ?", " ".join(sorted(scene["text_box"]["text"]))))
         return qa
 
 

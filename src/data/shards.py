@@ -40,13 +40,14 @@ class SampleError(ValueError):
 
 
 def write_generated_split(root: str | Path, split: str, n_images: int, seed: int, images_per_shard: int = 1000,
-                          config: Optional[GeneratorConfig] = None) -> List[str]:
-    """Generate `n_images` scenes with `seed` into `root/split-%05d.tar`. Returns the shard paths.
+                          config: Optional[GeneratorConfig] = None, aux_questions: bool = False) -> List[str]:
+    """Generate `n_images` scenes with `seed` into `root/split-%05d.tar` (with the generator's
+    training-only questions when `aux_questions`). Returns the shard paths.
 
     Writes to a temporary name and renames, so an interrupted run never leaves a half shard."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    gen = SceneGenerator(seed, config)
+    gen = SceneGenerator(seed, config, aux_questions=aux_questions)
     paths = []
     n_shards = (n_images + images_per_shard - 1) // images_per_shard
     with tqdm(total=n_images, desc=f"generating {split}", unit="img") as bar:
@@ -71,19 +72,22 @@ def write_generated_split(root: str | Path, split: str, n_images: int, seed: int
 
 
 def ensure_default_dataset(root: str | Path, train_images: int, val_images: int, seed: int,
-                           images_per_shard: int = 1000) -> None:
-    """Generate the embedded default (train, val, tokenizer.json) where missing.
+                           images_per_shard: int = 1000, train_aux_questions: bool = False) -> None:
+    """Generate the embedded default (train, val, tokenizer.json) where missing; the train split
+    also holds the generator's training-only questions when `train_aux_questions`.
 
     `root/meta.json` records how the shards were made; shards made with other settings are never
     reused silently (a changed seed or size is an error naming the fields)."""
     root = Path(root)
     want = {"seed": seed, "train_images": train_images, "val_images": val_images,
             "images_per_shard": images_per_shard, "generator": asdict(GeneratorConfig())}
+    if train_aux_questions:  # recorded only when on: folders made before the option still match
+        want["train_aux_questions"] = True
     want = json.loads(json.dumps(want))  # compare as stored (tuples become lists)
     meta_path = root / "meta.json"
     if meta_path.exists():
         have = json.loads(meta_path.read_text())
-        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        diff = {k: (have.get(k), want.get(k)) for k in {**have, **want} if have.get(k) != want.get(k)}
         if diff:
             raise ValueError(f"data.root={root} holds shards generated with other settings "
                              + ", ".join(f"data.{k}: on disk {a!r}, configured {b!r}" for k, (a, b) in diff.items())
@@ -91,7 +95,7 @@ def ensure_default_dataset(root: str | Path, train_images: int, val_images: int,
     elif any(root.glob("*.tar")):
         raise ValueError(f"data.root={root} holds shards but no meta.json saying how they were made; "
                          "delete that folder or choose another data.root")
-    write_generated_split(root, "train", train_images, seed, images_per_shard)
+    write_generated_split(root, "train", train_images, seed, images_per_shard, aux_questions=train_aux_questions)
     write_generated_split(root, "val", val_images, seed + 1_000_000, images_per_shard)
     WordTokenizer(vocabulary()).save(root / "tokenizer.json")
     meta_path.write_text(json.dumps(want, indent=1))
@@ -119,17 +123,24 @@ class QAExpander:
     for once per k answers. The layout is the tokenizer's (`ChatTokenizer.build`): the above for
     our word tokenizer, its chat template for a Hugging Face one.
 
+    `tasks` (None: all) keeps only the questions of those tasks (a training curriculum or a
+    per-task probe); the others are left out by choice, not counted as bad.
+
     Each yielded sample carries `skipped`: the reasons counted since the previous yield, so
     counts travel with the batches across DataLoader workers and none are lost."""
 
     def __init__(self, tokenizer: ChatTokenizer, image_size: int, max_text_len: int,
-                 overlength: str = "truncate", strict: bool = False, turns: int = 1) -> None:
+                 overlength: str = "truncate", strict: bool = False, turns: int = 1,
+                 tasks: Optional[List[str]] = None) -> None:
         if overlength not in ("truncate", "skip"):
             raise ValueError(f"data.overlength must be 'truncate' or 'skip', got {overlength!r}")
         if max_text_len < 4:
             raise ValueError(f"data.max_text_len must be >= 4, got {max_text_len}")
         if turns < 1:
             raise ValueError(f"data.train_turns must be >= 1, got {turns}")
+        if tasks is not None and not tasks:
+            raise ValueError("data.train_tasks must name at least one task (or be null for all)")
+        self.tasks = None if tasks is None else frozenset(tasks)
         self.tok, self.image_size, self.max_text_len = tokenizer, image_size, max_text_len
         self.overlength, self.strict, self.turns = overlength, strict, turns
 
@@ -159,6 +170,12 @@ class QAExpander:
             image = self._decode_image(raw, counts)
             if image is None:
                 continue
+            if self.tasks is not None:
+                # a malformed QA goes on to be counted as bad; a well-formed one of another task is left out
+                qas = [qa for qa in qas if not isinstance(qa, dict) or not isinstance(qa.get("task"), str)
+                       or qa["task"] in self.tasks]
+                if not qas:
+                    continue
             encoded = [e for e in (self._encode_qa(qa, raw, counts) for qa in qas) if e is not None]
             if self.turns > 1 and meta.get("ordered") is not True:
                 random.Random(raw.get("__key__", "")).shuffle(encoded)
