@@ -22,7 +22,8 @@ class VQADataModule(L.LightningDataModule):
     (multi-turn, as LLaVA); validation is always one question per sequence. `train_tasks` (default
     all) trains on those tasks' questions only; validation still scores every task.
     `train_aux_questions` adds the generator's training-only questions (`AUX_TASKS`: the large
-    object's shape, a medium object's 3 x 3 cell) to the generated train split (the base's recipe).
+    object's shape, a medium object's 3 x 3 cell, the box's digits sorted) to the generated train
+    split (the base's recipe).
     `tokenizer_path` (default `root/tokenizer.json`): our word tokenizer file or a Hugging Face
     tokenizer.json (or its folder), laid out in `chat_template` (a name in
     `src.data.tokenizer.CHAT_TEMPLATES`; Hugging Face tokenizers only).

@@ -16,8 +16,8 @@ evaluated tasks combine: the large object's shape (`large_shape`; `large` asks y
 shape, which a model answers 83% right from presence alone and so never learns the shape), and
 where a medium object lies on a 3 x 3 grid of the image (`locate`; `spatial` compares two such
 positions), and which digits the box holds, in increasing order (`digits`; `read` also needs
-their left-to-right order). They come after the evaluated questions and draw nothing at random, so the images
-and the evaluated questions of a seed are the same with or without them.
+their left-to-right order). They come after the evaluated questions and draw nothing at random,
+so the images and the evaluated questions of a seed are the same with or without them.
 
 `hard` means the answer needs detail finer than 2x2 pooling of a stride-8 token grid keeps
 (16 px cells): two digits share one pooled cell, as do neighbouring small objects of different
@@ -79,7 +79,8 @@ def vocabulary() -> List[str]:
     words += list(BACKGROUNDS) + list(MEDIUM_COLORS) + list(SMALL_COLORS)
     words += list(SHAPES) + [s + "s" for s in SHAPES] + list(RELATIONS)
     words += [str(d) for d in range(10)]
-    words += ["shape", "object", "none", "which", "digits"] + list(ROWS3) + list(COLS3)  # auxiliary questions (appended: ids stay)
+    # the training-only questions' words, appended so that the earlier ids stay
+    words += ["shape", "object", "none", "which", "digits"] + list(ROWS3) + list(COLS3)
     return list(dict.fromkeys(words))
 
 
@@ -252,11 +253,11 @@ class SceneGenerator:
         large = scene["large"]
         qa = [_qa("large_shape", "what shape is the large object ?", large["shape"] if large else "none")]
         third = self.config.image_size / 3
-        for obj in (scene["medium"] or {}).values():
-            if isinstance(obj, dict):
-                x, y = _center(obj["box"])
-                where = f"{ROWS3[min(2, int(y // third))]} {COLS3[min(2, int(x // third))]}"
-                qa.append(_qa("locate", f"where is the {obj['color']} {obj['shape']} ?", where))
+        pair = scene["medium"]
+        for obj in (pair["a"], pair["b"]) if pair else ():
+            x, y = _center(obj["box"])
+            where = f"{ROWS3[min(2, int(y // third))]} {COLS3[min(2, int(x // third))]}"
+            qa.append(_qa("locate", f"where is the {obj['color']} {obj['shape']} ?", where))
         qa.append(_qa("digits", "which digits are in the box ?", " ".join(sorted(scene["text_box"]["text"]))))
         return qa
 
