@@ -38,6 +38,15 @@ def test_each_small_object_marks_the_token_holding_its_centre():
                 assert t[INDEX[name]].sum() == 0
 
 
+def _cells_centred_in(box) -> torch.Tensor:
+    """(16, 16): 1 where the token cell's centre lies inside `box` (the cover rule, written out)."""
+    want = torch.zeros(16, 16)
+    for r, c in itertools.product(range(16), range(16)):
+        cx, cy = (c + 0.5) * STRIDE, (r + 0.5) * STRIDE
+        want[r, c] = float(box[0] <= cx < box[2] and box[1] <= cy < box[3])
+    return want
+
+
 def test_cover_marks_exactly_the_cells_whose_centre_is_inside_the_box():
     rng = random.Random(0)
     for _ in range(200):
@@ -45,11 +54,7 @@ def test_cover_marks_exactly_the_cells_whose_centre_is_inside_the_box():
         box = (x0, y0, min(128, x0 + rng.randint(1, 40)), min(128, y0 + rng.randint(1, 40)))
         scene = {"text_box": {"box": box, "text": "", "glyphs": []}, "large": None, "medium": None, "small": []}
         got = dense_targets(scene, GRID, SIZE)[INDEX["text/box"]]
-        want = torch.zeros(16, 16)
-        for r, c in itertools.product(range(16), range(16)):
-            cx, cy = (c + 0.5) * STRIDE, (r + 0.5) * STRIDE
-            want[r, c] = float(box[0] <= cx < box[2] and box[1] <= cy < box[3])
-        assert torch.equal(got, want), box
+        assert torch.equal(got, _cells_centred_in(box)), box
 
 
 def test_large_and_medium_objects_mark_every_token_they_cover():
@@ -63,9 +68,7 @@ def test_large_and_medium_objects_mark_every_token_they_cover():
             assert t[INDEX["large/cover"]].sum() >= 9  # a 32-40 px shape covers at least 3 x 3 cell centres
         if pair:
             for obj in (pair["a"], pair["b"]):
-                box_only = {"text_box": {"box": obj["box"], "text": "", "glyphs": []}, "large": None, "medium": None,
-                            "small": []}
-                cells = dense_targets(box_only, GRID, SIZE)[INDEX["text/box"]]  # the cover rule tested above
+                cells = _cells_centred_in(obj["box"])
                 assert cells.sum() >= 1 and torch.all(t[INDEX[f"medium/{obj['color']}"]][cells > 0] == 1)
                 assert torch.all(t[INDEX[f"medium/{obj['shape']}"]][cells > 0] == 1)
 

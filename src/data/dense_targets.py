@@ -3,10 +3,11 @@
 A LLaVA-style LVLM starts from a vision encoder pretrained elsewhere (CLIP, SigLIP); its tokens
 already say what is where. The embedded default has no such encoder to download, so the project
 pretrains its own on the generator's scenes (src/lit/encoder_pretrain.py), supervised by these
-maps: for every token of the encoder's h x w grid, which objects are centred in it (multi-hot).
-Centres, not coverage, so that one object marks one token (what counting needs), and digits are
-split by which half of the token's cell their centre falls in, so that two digits in one cell
-keep their order (what reading needs).
+maps: for every token of the encoder's h x w grid, which objects are in it (multi-hot). The large
+and medium objects mark every token they cover (as a CLIP patch on part of an object says what
+the object is); small objects and digits mark the token holding their centre, so that one
+object marks one token (what counting needs), and digits are split by which half of the token's
+cell their centre falls in, so that two digits in one cell keep their order (what reading needs).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from src.data.generator import MEDIUM_COLORS, SHAPES, SMALL_COLORS, SMALL_SHAPES
+from src.data.generator import MEDIUM_COLORS, SHAPES, SMALL_COLORS, SMALL_SHAPES, box_center
 
 DIGITS = tuple(str(d) for d in range(10))
 
@@ -40,10 +41,6 @@ def _cell(x: float, y: float, stride: Tuple[float, float], grid: Tuple[int, int]
     return row, col
 
 
-def _center(box) -> Tuple[float, float]:
-    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-
-
 def dense_targets(scene: dict, grid: Tuple[int, int], image_size: int) -> torch.Tensor:
     """scene (as `SceneGenerator.generate` returns it) -> multi-hot targets (len(CHANNELS), h, w).
 
@@ -61,7 +58,7 @@ def dense_targets(scene: dict, grid: Tuple[int, int], image_size: int) -> torch.
     out = torch.zeros(len(CHANNELS), h, w)
 
     def mark(name: str, box) -> None:
-        out[(INDEX[name], *_cell(*_center(box), stride, grid))] = 1.0
+        out[(INDEX[name], *_cell(*box_center(box), stride, grid))] = 1.0
 
     def cover(name: str, box) -> None:
         # rows r with box[1] <= (r + 0.5) * sy < box[3], likewise columns
@@ -83,7 +80,7 @@ def dense_targets(scene: dict, grid: Tuple[int, int], image_size: int) -> torch.
     text_box = scene["text_box"]
     cover("text/box", text_box["box"])
     for ch, box in zip(text_box["text"], text_box["glyphs"]):
-        x, y = _center(box)
+        x, y = box_center(box)
         r, c = _cell(x, y, stride, grid)
         side = "left" if x - c * stride[1] < stride[1] / 2 else "right"
         out[INDEX[f"digit_{side}/{ch}"], r, c] = 1.0

@@ -118,13 +118,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, b: Box, color: Tuple[int,
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _center(b: Box) -> Tuple[float, float]:
+def box_center(b: Box) -> Tuple[float, float]:
+    """The centre (x, y) of a box."""
     return (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
 
 
 def relation(a: Box, b: Box) -> str:
     """Where a is relative to b, along the dominant axis."""
-    (ax, ay), (bx, by) = _center(a), _center(b)
+    (ax, ay), (bx, by) = box_center(a), box_center(b)
     dx, dy = ax - bx, ay - by
     if abs(dx) >= abs(dy):
         return "left" if dx < 0 else "right"
@@ -255,7 +256,7 @@ class SceneGenerator:
         third = self.config.image_size / 3
         pair = scene["medium"]
         for obj in (pair["a"], pair["b"]) if pair else ():
-            x, y = _center(obj["box"])
+            x, y = box_center(obj["box"])
             where = f"{ROWS3[min(2, int(y // third))]} {COLS3[min(2, int(x // third))]}"
             qa.append(_qa("locate", f"where is the {obj['color']} {obj['shape']} ?", where))
         qa.append(_qa("digits", "which digits are in the box ?", " ".join(sorted(scene["text_box"]["text"]))))
