@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.committed_rows import base_fingerprint, merge_committed  # noqa: E402
 from experiments.runs import parse_row_args, run_fit, run_logdir  # noqa: E402
 from experiments.tb_scalars import latest_scalars  # noqa: E402
 from src.plots import xy_chart  # noqa: E402
@@ -42,8 +43,13 @@ def rows() -> dict:
     return out
 
 
+def _fractions(values) -> str:
+    """Budget fractions as 'f0 / f1 / f2' (the CSV and table cell)."""
+    return " / ".join("-" if x is None else f"{x:.2f}" for x in values)
+
+
 def collect(names) -> list:
-    """One record per (row, budget or operating point)."""
+    """One record per (row, budget or operating point) measured on this machine (keys: the CSV's columns)."""
     records = []
     for name in names:
         logdir = run_logdir(GROUP, name)
@@ -60,26 +66,30 @@ def collect(names) -> list:
             rec = {"row": name, "budget": "policy", "acc": s.get("val/acc"), "easy": s.get("val/acc/easy"),
                    "hard": s.get("val/acc/hard"), "gflops": s.get("val/gflops")}
             for g in ("easy", "hard"):
-                rec[f"budget_frac/{g}"] = [s.get(f"val/budget_frac/{g}/{k}") for k in range(N_BUDGETS)]
+                rec[f"frac_{g}"] = _fractions([s.get(f"val/budget_frac/{g}/{k}") for k in range(N_BUDGETS)])
             records.append(rec)
     return records
 
 
-def write(records: list, out_dir: Path) -> str:
+COLUMNS = ["row", "budget", "acc", "easy", "hard", "gflops", "frac_easy", "frac_hard", "base"]
+
+
+def write(records: list, out_dir: Path, base: str) -> str:
+    """Writes budgets.{md,csv,png} from `records` (measured on base `base`) and the committed rows
+    of the same base that were not measured now (experiments/committed_rows.py)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    records = merge_committed(records, out_dir / "budgets.csv", ["row", "budget"], base, list(rows()))
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = ["| row | budget | acc | easy | hard | LLM GFLOPs | budgets chosen (easy) | budgets chosen (hard) |",
              "|---|---|---|---|---|---|---|---|"]
     with open(out_dir / "budgets.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "budget", "acc", "easy", "hard", "gflops", "frac_easy", "frac_hard"])
+        w.writerow(COLUMNS)
         for r in records:
-            fe, fh = r.get("budget_frac/easy", ""), r.get("budget_frac/hard", "")
-            fmt = lambda fr: " / ".join("-" if x is None else f"{x:.2f}" for x in fr) if fr else ""  # noqa: E731
             g = "-" if r["gflops"] is None else f"{r['gflops']:.3f}"
             lines.append(f"| {r['row']} | {r['budget']} | {pct(r['acc'])} | {pct(r['easy'])} | {pct(r['hard'])} | "
-                         f"{g} | {fmt(fe)} | {fmt(fh)} |")
-            w.writerow([r["row"], r["budget"], r["acc"], r["easy"], r["hard"], r["gflops"], fmt(fe), fmt(fh)])
+                         f"{g} | {r.get('frac_easy') or ''} | {r.get('frac_hard') or ''} |")
+            w.writerow([r.get(c) for c in COLUMNS])
     curve = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"] == "universal" and r["acc"] is not None]
     fixed = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"].startswith("fixed") and r["acc"] is not None]
     points = {r["row"]: (r["gflops"], 100 * r["acc"]) for r in records
@@ -99,7 +109,7 @@ def main() -> None:
     if not args.table_only:
         for name in names:
             run_fit(GROUP, name, table[name], args.steps)
-    print(write(collect(names), ROOT / "experiments" / "results"))
+    print(write(collect(names), ROOT / "experiments" / "results", base_fingerprint()))
 
 
 if __name__ == "__main__":

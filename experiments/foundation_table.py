@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.committed_rows import base_fingerprint, merge_committed  # noqa: E402
 from experiments.runs import parse_row_args, run_fit, run_logdir  # noqa: E402
 from experiments.tb_scalars import latest_scalars, scalar_values  # noqa: E402
 from src.data.generator import TASKS  # noqa: E402
@@ -43,23 +44,27 @@ def row_metrics(logdir: Path) -> dict:
     return out
 
 
-def write_table(results: dict, out_dir: Path) -> str:
+def write_table(results: dict, out_dir: Path, base: str) -> str:
+    """Writes foundation.{md,csv} from `results` (row -> metrics, measured on base `base`) and the
+    committed rows of the same base that were not measured now (experiments/committed_rows.py)."""
     cols = [f"acc/{t}" for t in TASKS] + ["acc/easy", "acc/hard", "llm_gflops", "savings", "steps_per_sec", "step"]
-    full = results.get("full", {}).get("llm_gflops")
-    lines = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     out_dir.mkdir(parents=True, exist_ok=True)
+    records = merge_committed([dict(m, row=name) for name, m in results.items()], out_dir / "foundation.csv",
+                              ["row"], base, list(ROWS))
+    full = next((r["llm_gflops"] for r in records if r["row"] == "full"), None)
+    lines = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     with open(out_dir / "foundation.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row"] + cols)
-        for name, m in results.items():
-            m = dict(m, savings=(full / m["llm_gflops"]) if full and m.get("llm_gflops") else None)
+        w.writerow(["row"] + cols + ["base"])
+        for m in records:
+            m["savings"] = (full / m["llm_gflops"]) if full and m.get("llm_gflops") else None
             cells = []
             for c in cols:
                 v = m.get(c)
                 cells.append("-" if v is None else (f"{100 * v:.1f}" if c.startswith("acc/") else
                                                     f"{v:.3f}" if isinstance(v, float) else str(v)))
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-            w.writerow([name] + [m.get(c) for c in cols])
+            lines.append(f"| {m['row']} | " + " | ".join(cells) + " |")
+            w.writerow([m["row"]] + [m.get(c) for c in cols] + [base])
     header = (f"Machine: {platform.node()} ({platform.processor() or platform.machine()}), CPU only. "
               "Accuracy in %, exact match on the validation split; LLM GFLOPs per sample (analytical); "
               "savings = full / row LLM GFLOPs; steps/s: the median over the run of 20-step averages.\n\n")
@@ -77,7 +82,7 @@ def main() -> None:
             run_fit("table", name, ROWS[name], args.steps)
         if logdir.exists():
             results[name] = row_metrics(logdir)
-    print(write_table(results, ROOT / "experiments" / "results"))
+    print(write_table(results, ROOT / "experiments" / "results", base_fingerprint()))
 
 
 if __name__ == "__main__":

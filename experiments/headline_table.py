@@ -20,6 +20,7 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.committed_rows import base_fingerprint, merge_committed  # noqa: E402
 from experiments.runs import parse_row_args, run_fit, run_logdir  # noqa: E402
 from experiments.tb_scalars import latest_scalars  # noqa: E402
 from src.plots import pareto_chart  # noqa: E402
@@ -52,33 +53,40 @@ def _values(logdir: Path) -> dict:
 
 
 def collect() -> List[dict]:
-    """One record per row that has results: description, easy, hard, LLM GFLOPs."""
+    """One record per row that has results on this machine (keys: the CSV's columns)."""
     records = []
     for name, (what, _) in FITS.items():
         logdir = run_logdir("table", name)
         if (logdir / "DONE").exists():
             v = _values(logdir)
             records.append(dict(row=name, what=what, easy=v.get("val/acc/easy"), hard=v.get("val/acc/hard"),
-                                gflops=v.get("val/gflops"), read=v.get("val/acc/read"), count=v.get("val/acc/count")))
+                                llm_gflops=v.get("val/gflops"), read=v.get("val/acc/read"), count=v.get("val/acc/count")))
     universal = run_logdir("budgets", "universal")
     if (universal / "DONE").exists():
         v = _values(universal)
         for k in range(N_BUDGETS):
             records.append(dict(row=f"universal@{k}", what=f"VISOR universal, budget {k}",
                                 easy=v.get(f"val/acc/easy@budget={k}"), hard=v.get(f"val/acc/hard@budget={k}"),
-                                gflops=v.get(f"val/gflops@budget={k}")))
+                                llm_gflops=v.get(f"val/gflops@budget={k}")))
     policy = run_logdir("budgets", "policy_reinforce")
     if (policy / "DONE").exists():
         v = _values(policy)
         records.append(dict(row="policy_reinforce", what="VISOR universal + REINFORCE router", easy=v.get("val/acc/easy"),
-                            hard=v.get("val/acc/hard"), gflops=v.get("val/gflops"), read=v.get("val/acc/read"),
+                            hard=v.get("val/acc/hard"), llm_gflops=v.get("val/gflops"), read=v.get("val/acc/read"),
                             count=v.get("val/acc/count")))
-    return [r for r in records if None not in (r["easy"], r["hard"], r["gflops"])]
+    return [dict(r, seed=0) for r in records if None not in (r["easy"], r["hard"], r["llm_gflops"])]
 
 
-def write(records: List[dict], out_dir: Path) -> str:
+ROW_ORDER = list(FITS) + [f"universal@{k}" for k in range(N_BUDGETS)] + ["policy_reinforce"]
+COLUMNS = ["row", "what", "seed", "easy", "hard", "read", "count", "llm_gflops", "savings", "base"]
+
+
+def write(records: List[dict], out_dir: Path, base: str) -> str:
+    """Writes headline.{md,csv,png} from `records` (measured on base `base`) and the committed rows
+    of the same base that were not measured now (experiments/committed_rows.py)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    full = next((r["gflops"] for r in records if r["row"] == "full"), None)
+    records = merge_committed(records, out_dir / "headline.csv", ["row"], base, ROW_ORDER)
+    full = next((r["llm_gflops"] for r in records if r["row"] == "full"), None)
     lines = ["Every row fine-tuned from the shipped base (encoder frozen, configs/visor.yaml's recipe, seed 0). "
              "Accuracy in % (exact match, final validation: 500 images, 3000 questions); LLM GFLOPs per sample; "
              "savings = full / row. The hard tasks are `read` and `count` (their columns: `-` where the run logs "
@@ -86,16 +94,15 @@ def write(records: List[dict], out_dir: Path) -> str:
              "| row | what | easy | hard | read | count | LLM GFLOPs | savings |", "|---|---|---|---|---|---|---|---|"]
     with open(out_dir / "headline.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row", "what", "seed", "easy", "hard", "read", "count", "llm_gflops", "savings"])
+        w.writerow(COLUMNS)
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
         for r in records:
-            savings = full / r["gflops"] if full else None
+            r["savings"] = savings = full / r["llm_gflops"] if full else None
             lines.append(f"| {r['row']} | {r['what']} | {pct(r['easy'])} | {pct(r['hard'])} | {pct(r.get('read'))} | "
-                         f"{pct(r.get('count'))} | {r['gflops']:.3f} | {'-' if savings is None else f'{savings:.2f}x'} |")
-            w.writerow([r["row"], r["what"], 0, r["easy"], r["hard"], r.get("read"), r.get("count"), r["gflops"],
-                        savings])
+                         f"{pct(r.get('count'))} | {r['llm_gflops']:.3f} | {'-' if savings is None else f'{savings:.2f}x'} |")
+            w.writerow([r.get(c) for c in COLUMNS])
     if records:
-        pareto_chart({r["row"]: (r["gflops"], 100 * r["hard"]) for r in records},
+        pareto_chart({r["row"]: (r["llm_gflops"], 100 * r["hard"]) for r in records},
                      title="hard accuracy vs LLM GFLOPs per sample", xlabel="LLM GFLOPs per sample",
                      ylabel="hard accuracy %").save(out_dir / "headline.png")
     text = "\n".join(lines) + "\n"
@@ -108,7 +115,7 @@ def main() -> None:
     if not args.table_only:
         for name in names:
             run_fit("table", name, FITS[name][1], args.steps)
-    print(write(collect(), ROOT / "experiments" / "results"))
+    print(write(collect(), ROOT / "experiments" / "results", base_fingerprint()))
 
 
 if __name__ == "__main__":

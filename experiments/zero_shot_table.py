@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.committed_rows import base_fingerprint, merge_committed  # noqa: E402
 from experiments.headline_table import FITS  # noqa: E402
 from experiments.runs import parse_row_args  # noqa: E402
 from experiments.tb_scalars import latest_scalars  # noqa: E402
@@ -41,25 +42,38 @@ def run(name: str) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
-def write(names, out_dir: Path) -> str:
-    cols = [f"acc/{t}" for t in TASKS] + ["acc/easy", "acc/hard", "gflops"]
+COLUMNS = [f"acc/{t}" for t in TASKS] + ["acc/easy", "acc/hard", "gflops"]
+
+
+def collect(names) -> list:
+    """One record per row with results on this machine (keys: the CSV's columns)."""
+    records = []
+    for name in names:
+        if not logdir(name).exists():
+            continue
+        v = {k: e.value for k, e in latest_scalars(str(logdir(name)), "val/").items()}
+        if v.get("val/gflops") is not None:
+            records.append(dict(row=name, **{c: v.get(f"val/{c}") for c in COLUMNS}))
+    return records
+
+
+def write(records: list, out_dir: Path, base: str) -> str:
+    """Writes zero_shot.{md,csv} from `records` (measured on base `base`) and the committed rows of
+    the same base that were not measured now (experiments/committed_rows.py)."""
     lines = ["The shipped base validated with each reducer and no fine-tuning (500 images, 3000 questions; "
              "accuracy %, LLM GFLOPs per sample).", "",
-             "| row | what | " + " | ".join(c.replace("acc/", "") for c in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+             "| row | what | " + " | ".join(c.replace("acc/", "") for c in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
     out_dir.mkdir(parents=True, exist_ok=True)
+    records = merge_committed(records, out_dir / "zero_shot.csv", ["row"], base, list(ROWS))
     with open(out_dir / "zero_shot.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row"] + cols)
-        for name in names:
-            if not logdir(name).exists():
-                continue
-            v = {k: e.value for k, e in latest_scalars(str(logdir(name)), "val/").items()}
-            vals = [v.get(f"val/{c}") for c in cols]
-            if vals[-1] is None:
-                continue
-            cells = ["-" if x is None else (f"{x:.3f}" if c == "gflops" else f"{100 * x:.1f}") for c, x in zip(cols, vals)]
-            lines.append(f"| {name} | {FITS[name][0]} | " + " | ".join(cells) + " |")
-            w.writerow([name] + vals)
+        w.writerow(["row"] + COLUMNS + ["base"])
+        for r in records:
+            vals = [r.get(c) for c in COLUMNS]
+            cells = ["-" if x is None else (f"{x:.3f}" if c == "gflops" else f"{100 * x:.1f}") for c, x in zip(COLUMNS, vals)]
+            lines.append(f"| {r['row']} | {FITS[r['row']][0]} | " + " | ".join(cells) + " |")
+            w.writerow([r["row"]] + vals + [base])
     text = "\n".join(lines) + "\n"
     (out_dir / "zero_shot.md").write_text(text)
     return text
@@ -70,7 +84,7 @@ def main() -> None:
     if not args.table_only:
         for name in names:
             run(name)
-    print(write(names, ROOT / "experiments" / "results"))
+    print(write(collect(names), ROOT / "experiments" / "results", base_fingerprint()))
 
 
 if __name__ == "__main__":

@@ -40,3 +40,19 @@ def test_sample_flops_match_whole_model(tiny_decoder_config):
     expected = sample_flops(model, T)
     assert _close(got, expected.total), (got, expected)
     assert expected.llm < sample_flops(VisorLVLM(enc, tiny_decoder_config, LayerPlan(4, all_self=True)), T).llm
+
+
+def test_flop_counter_counts_cpu_attention_forward_and_backward():
+    """src/ops/sdpa_flops.py: on CPU, scaled_dot_product_attention's kernel is counted (torch 2.14 counted 0)."""
+    import torch.nn.functional as F
+    import torch.utils.flop_counter
+
+    import src.ops  # noqa: F401
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)
+    k, v = torch.randn(2, 4, 24, 8), torch.randn(2, 4, 24, 8)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 4 * 2 * 4 * 16 * 24 * 8
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() >= 2 * 4 * 2 * 4 * 16 * 24 * 8  # dS, dP, dQ, dK, dV: at least 2x forward
