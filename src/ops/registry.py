@@ -96,4 +96,3 @@ def _cross_attention_backward_flops(grad_out_shape, grad_lse_shape, q_shape, k_s
                                     **kwargs) -> int:
     B, H, T, hd = q_shape
     return 4 * 2 * B * H * T * k_shape[2] * hd
-
