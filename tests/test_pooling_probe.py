@@ -20,7 +20,7 @@ def test_corner_crop_and_probe_input_shapes():
 def test_two_by_two_pooling_of_target_like_tokens_loses_the_digit_order_often():
     items = [s for _, s in scenes(seed=5, n=200)]
     lost = sum(order_lost(s, (16, 16), 128) for s in items) / len(items)
-    assert 0.3 < lost < 0.6, lost  # measured 42-43% (the digits share a pooled cell and a half)
+    assert 0.3 < lost < 0.6, lost  # measured 42-45% (the digits share a pooled cell and a half)
     for s in items:  # unpooled, the swapped digits always give different targets
         text = s["text_box"]["text"]
         if text != text[::-1]:
