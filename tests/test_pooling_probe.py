@@ -36,3 +36,14 @@ def test_probe_learns_a_readable_code_and_not_an_unreadable_one():
     acc_readable = train_probe(readable[:500], y[:500], readable[500:], y[500:], 2, epochs=20)
     acc_order_free = train_probe(order_free[:500], y[:500], order_free[500:], y[500:], 2, epochs=20)
     assert acc_readable > 0.95 and acc_order_free < 0.7, (acc_readable, acc_order_free)
+
+
+def test_fitted_target_head_recovers_a_linear_rule():
+    from experiments.pooling_probe import fit_target_head
+    torch.manual_seed(0)
+    feats = [torch.randn(6, 4, 4) for _ in range(40)]
+    targets = [torch.stack([(f[0] > 0).float(), (f[1] + f[2] < 0).float()]) for f in feats]
+    head = fit_target_head(feats, targets, steps=200, pos_weight=1.0)
+    f = torch.randn(6, 4, 4)
+    logits = torch.einsum("kc,chw->khw", head.weight, f) + head.bias.view(-1, 1, 1)
+    assert torch.equal(logits[0] > 0, f[0] > 0) and torch.equal(logits[1] > 0, f[1] + f[2] < 0)
