@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from experiments.committed_rows import base_fingerprint  # noqa: E402
 from src.data.dense_targets import dense_targets  # noqa: E402
-from src.data.generator import CORNERS, SceneGenerator  # noqa: E402
+from src.data.generator import CORNERS, GeneratorConfig, SceneGenerator  # noqa: E402
 from src.data.scene_stream import _image_tensor  # noqa: E402
 
 CROP = 4  # tokens per side of the corner crop (32 px at stride 8: the box is at most ~24 px)
@@ -64,7 +64,20 @@ def probe_input(crop: torch.Tensor, corner: str, pool: bool) -> torch.Tensor:
     return torch.cat([crop.flatten(), onehot])
 
 
-def order_lost(scene: dict, grid: Tuple[int, int], image_size: int) -> bool:
+def crop_size(scene_list: List[dict], stride: int, image_size: int) -> int:
+    """The smallest even number of tokens per side whose corner crop holds every scene's text box
+    (at least CROP; longer strings need more)."""
+    def extent(scene: dict) -> int:
+        box, corner = scene["text_box"]["box"], scene["text_box"]["corner"]
+        width = box[2] if "left" in corner else image_size - box[0]
+        height = box[3] if "top" in corner else image_size - box[1]
+        return max(width, height)
+
+    tokens = -(-max(extent(s) for s in scene_list) // stride)
+    return max(CROP, tokens + tokens % 2)
+
+
+def order_lost(scene: dict, grid: Tuple[int, int], image_size: int, crop: int = CROP) -> bool:
     """Whether the 2x2-pooled dense targets of the box corner are the same with the two digits
     swapped (so no reader of the pooled targets can tell their order); False when the digits are
     equal."""
@@ -73,20 +86,20 @@ def order_lost(scene: dict, grid: Tuple[int, int], image_size: int) -> bool:
         return False
     swapped = dict(scene, text_box=dict(scene["text_box"], text=text[::-1]))
     corner = scene["text_box"]["corner"]
-    a, b = (F.avg_pool2d(corner_crop(dense_targets(s, grid, image_size), corner).unsqueeze(0), 2)
+    a, b = (F.avg_pool2d(corner_crop(dense_targets(s, grid, image_size), corner, crop).unsqueeze(0), 2)
             for s in (scene, swapped))
     return torch.equal(a, b)
 
 
-def scenes(seed: int, n: int, start: int = 0):
-    gen = SceneGenerator(seed=seed)
+def scenes(seed: int, n: int, start: int = 0, text_len: int = 2):
+    gen = SceneGenerator(seed=seed, config=GeneratorConfig(text_len=text_len))
     for i in range(start, start + n):
         image, scene, _ = gen.generate(i)
         yield image, scene
 
 
 def token_maps(source: str, items: List[tuple], grid: Tuple[int, int], image_size: int,
-               batch_size: int = 128) -> List[torch.Tensor]:
+               batch_size: int = 128, text_len: int = 2) -> List[torch.Tensor]:
     """One (C, h, w) token map per (image, scene) from `source` ('targets' or 'encoder')."""
     if source == "targets":
         return [dense_targets(scene, grid, image_size) for _, scene in items]
@@ -96,7 +109,7 @@ def token_maps(source: str, items: List[tuple], grid: Tuple[int, int], image_siz
     maps = _encoder_maps(encoder, items, batch_size)
     if source == "encoder":
         return maps
-    fit_items = list(scenes(seed=HEAD_SEED, n=HEAD_SCENES))
+    fit_items = list(scenes(seed=HEAD_SEED, n=HEAD_SCENES, text_len=text_len))
     head = fit_target_head(_encoder_maps(encoder, fit_items, batch_size),
                            [dense_targets(s, grid, image_size) for _, s in fit_items])
     with torch.no_grad():
@@ -163,20 +176,23 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: 
     return (pred == y_test).all(1).float().mean().item()
 
 
-def run(sources: List[str], n_train: int, n_test: int, seed: int = 11) -> Dict[str, dict]:
+def run(sources: List[str], n_train: int, n_test: int, seed: int = 11, text_len: int = 2) -> Dict[str, dict]:
     from tqdm import tqdm
     image_size = SceneGenerator().config.image_size
     grid = (image_size // 8, image_size // 8)  # the shipped encoder's stride-8 grid
-    items = list(tqdm(scenes(seed, n_train + n_test), total=n_train + n_test, desc="scenes", unit="img"))
+    items = list(tqdm(scenes(seed, n_train + n_test, text_len=text_len), total=n_train + n_test, desc="scenes",
+                      unit="img"))
     labels = torch.tensor([[int(ch) for ch in s["text_box"]["text"]] for _, s in items])
     corners = [s["text_box"]["corner"] for _, s in items]
-    results = {"order_lost_by_pooling_targets": sum(order_lost(s, grid, image_size) for _, s in items) / len(items)}
+    crop = crop_size([s for _, s in items], image_size // grid[0], image_size)
+    results = {"order_lost_by_pooling_targets":
+               sum(order_lost(s, grid, image_size, crop) for _, s in items) / len(items), "crop": crop}
     for source in sources:
-        maps = token_maps(source, items, grid, image_size)
+        maps = token_maps(source, items, grid, image_size, text_len=text_len)
         assert maps[0].shape[1:] == grid, f"{source}: token grid {tuple(maps[0].shape[1:])}, expected {grid}"
         row = {"channels": maps[0].shape[0]}
         for pool in (False, True):
-            x = torch.stack([probe_input(corner_crop(m, c), c, pool) for m, c in zip(maps, corners)])
+            x = torch.stack([probe_input(corner_crop(m, c, crop), c, pool) for m, c in zip(maps, corners)])
             acc = train_probe(x[:n_train], labels[:n_train], x[n_train:], labels[n_train:], labels.shape[1])
             row["pooled" if pool else "full"] = acc
             print(f"{source:8s} {'pooled 2x2' if pool else 'full':10s} read accuracy {100 * acc:.1f}%", flush=True)
@@ -184,16 +200,20 @@ def run(sources: List[str], n_train: int, n_test: int, seed: int = 11) -> Dict[s
     return results
 
 
-def write(results: Dict[str, dict], n_train: int, n_test: int, out_dir: Path) -> str:
-    """Writes pooling_probe.{md,json}; sources of the existing JSON not measured now are kept when
-    they were measured with the same scene counts and the same shipped encoder."""
+def write(results: Dict[str, dict], n_train: int, n_test: int, out_dir: Path, text_len: int = 2) -> str:
+    """Writes pooling_probe.{md,json} (pooling_probe_text<N>.* for other string lengths); sources of
+    the existing JSON not measured now are kept when they were measured with the same scene counts
+    and the same shipped encoder."""
     encoder = base_fingerprint(ROOT / "checkpoints" / "encoder" / "model.safetensors")
-    previous = out_dir / "pooling_probe.json"
+    name = "pooling_probe" if text_len == 2 else f"pooling_probe_text{text_len}"
+    previous = out_dir / f"{name}.json"
     if previous.exists():
         old = json.loads(previous.read_text())
         if (old.get("n_train"), old.get("n_test"), old.get("encoder_weights")) == (n_train, n_test, encoder):
             results = {**{k: v for k, v in old.items() if isinstance(v, dict)}, **results}
-    lines = [f"Probe: an MLP reads the box's two digits (in order) from the 4x4 corner tokens, as they are "
+    crop = results["crop"]
+    lines = [f"Probe: an MLP reads the box's {text_len} digits (in order) from the {crop}x{crop} corner tokens, "
+             f"as they are "
              f"or 2x2 average pooled ({n_train} training scenes, {n_test} held out; exact match, %). "
              f"Pooling the dense targets makes the digits' order unrecoverable in "
              f"{100 * results['order_lost_by_pooling_targets']:.1f}% of scenes.", "",
@@ -204,8 +224,8 @@ def write(results: Dict[str, dict], n_train: int, n_test: int, out_dir: Path) ->
                          f"{100 * (row['full'] - row['pooled']):.1f} |")
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "pooling_probe.md").write_text(text)
-    (out_dir / "pooling_probe.json").write_text(
+    (out_dir / f"{name}.md").write_text(text)
+    (out_dir / f"{name}.json").write_text(
         json.dumps(dict(results, n_train=n_train, n_test=n_test, encoder_weights=encoder), indent=1))
     return text
 
@@ -215,11 +235,14 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=4000, help="training scenes")
     ap.add_argument("--test", type=int, default=1000, help="held-out scenes")
     ap.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated: {', '.join(SOURCES)}")
+    ap.add_argument("--text-len", type=int, default=2, help="digits in the box (generator.text_len, 1-6)")
     args = ap.parse_args()
     if args.train < 1 or args.test < 1:
         sys.exit("--train and --test must be >= 1")
-    results = run([s for s in args.sources.split(",") if s], args.train, args.test)
-    print(write(results, args.train, args.test, ROOT / "experiments" / "results"))
+    if not 1 <= args.text_len <= 6:
+        sys.exit(f"--text-len must be in 1..6, got {args.text_len}")
+    results = run([s for s in args.sources.split(",") if s], args.train, args.test, text_len=args.text_len)
+    print(write(results, args.train, args.test, ROOT / "experiments" / "results", args.text_len))
 
 
 if __name__ == "__main__":

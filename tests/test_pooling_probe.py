@@ -47,3 +47,13 @@ def test_fitted_target_head_recovers_a_linear_rule():
     f = torch.randn(6, 4, 4)
     logits = torch.einsum("kc,chw->khw", head.weight, f) + head.bias.view(-1, 1, 1)
     assert torch.equal(logits[0] > 0, f[0] > 0) and torch.equal(logits[1] > 0, f[1] + f[2] < 0)
+
+
+def test_crop_holds_the_box_for_longer_strings():
+    from experiments.pooling_probe import crop_size
+    assert crop_size([s for _, s in scenes(seed=5, n=50)], 8, 128) == 4
+    six = [s for _, s in scenes(seed=5, n=50, text_len=6)]
+    crop = crop_size(six, 8, 128)
+    assert crop % 2 == 0 and all(max(s["text_box"]["box"][2] - s["text_box"]["box"][0] + 2,
+                                     s["text_box"]["box"][3] - s["text_box"]["box"][1] + 2) <= 8 * crop for s in six)
+    assert crop > 4
