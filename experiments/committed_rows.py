@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE_WEIGHTS = ROOT / "checkpoints" / "base" / "model.safetensors"
 
 
-def base_fingerprint(weights: Path = BASE_WEIGHTS) -> str:
-    """The first 12 hex digits of the sha256 of the shipped base's weights."""
+def weights_fingerprint(weights: Path = BASE_WEIGHTS) -> str:
+    """The first 12 hex digits of the sha256 of a weights file (default: the shipped base's)."""
     return hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.committed_rows import base_fingerprint, merge_committed  # noqa: E402
+from experiments.committed_rows import merge_committed, weights_fingerprint  # noqa: E402
 from experiments.runs import parse_row_args, run_fit, run_logdir  # noqa: E402
 from experiments.tb_scalars import latest_scalars, scalar_values  # noqa: E402
 from src.data.generator import TASKS  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> None:
             run_fit("table", name, ROWS[name], args.steps)
         if logdir.exists():
             results[name] = row_metrics(logdir)
-    print(write_table(results, ROOT / "experiments" / "results", base_fingerprint()))
+    print(write_table(results, ROOT / "experiments" / "results", weights_fingerprint()))
 
 
 if __name__ == "__main__":

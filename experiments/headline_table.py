@@ -20,7 +20,7 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.committed_rows import base_fingerprint, merge_committed  # noqa: E402
+from experiments.committed_rows import merge_committed, weights_fingerprint  # noqa: E402
 from experiments.runs import parse_row_args, run_fit, run_logdir  # noqa: E402
 from experiments.tb_scalars import latest_scalars  # noqa: E402
 from src.plots import pareto_chart  # noqa: E402
@@ -115,7 +115,7 @@ def main() -> None:
     if not args.table_only:
         for name in names:
             run_fit("table", name, FITS[name][1], args.steps)
-    print(write(collect(), ROOT / "experiments" / "results", base_fingerprint()))
+    print(write(collect(), ROOT / "experiments" / "results", weights_fingerprint()))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.committed_rows import base_fingerprint  # noqa: E402
+from experiments.committed_rows import weights_fingerprint  # noqa: E402
 from src.data.dense_targets import dense_targets  # noqa: E402
 from src.data.generator import CORNERS, GeneratorConfig, SceneGenerator  # noqa: E402
 from src.data.scene_stream import _image_tensor  # noqa: E402
@@ -78,9 +78,9 @@ def crop_size(scene_list: List[dict], stride: int, image_size: int) -> int:
 
 
 def order_lost(scene: dict, grid: Tuple[int, int], image_size: int, crop: int = CROP) -> bool:
-    """Whether the 2x2-pooled dense targets of the box corner are the same with the two digits
-    swapped (so no reader of the pooled targets can tell their order); False when the digits are
-    equal."""
+    """Whether the 2x2-pooled dense targets of the box corner are the same with the string reversed
+    (for two digits: swapped, so no reader of the pooled targets can tell their order); False for a
+    palindrome. Longer strings span several pooled cells, so reversing them rarely goes unseen."""
     text = scene["text_box"]["text"]
     if text == text[::-1]:
         return False
@@ -100,7 +100,7 @@ def scenes(seed: int, n: int, start: int = 0, text_len: int = 2):
 
 def token_maps(source: str, items: List[tuple], grid: Tuple[int, int], image_size: int,
                batch_size: int = 128, text_len: int = 2) -> List[torch.Tensor]:
-    """One (C, h, w) token map per (image, scene) from `source` ('targets' or 'encoder')."""
+    """One (C, h, w) token map per (image, scene) from `source` (one of SOURCES)."""
     if source == "targets":
         return [dense_targets(scene, grid, image_size) for _, scene in items]
     if source not in ("encoder", "predictions"):
@@ -204,7 +204,7 @@ def write(results: Dict[str, dict], n_train: int, n_test: int, out_dir: Path, te
     """Writes pooling_probe.{md,json} (pooling_probe_text<N>.* for other string lengths); sources of
     the existing JSON not measured now are kept when they were measured with the same scene counts
     and the same shipped encoder."""
-    encoder = base_fingerprint(ROOT / "checkpoints" / "encoder" / "model.safetensors")
+    encoder = weights_fingerprint(ROOT / "checkpoints" / "encoder" / "model.safetensors")
     name = "pooling_probe" if text_len == 2 else f"pooling_probe_text{text_len}"
     previous = out_dir / f"{name}.json"
     if previous.exists():
@@ -215,7 +215,7 @@ def write(results: Dict[str, dict], n_train: int, n_test: int, out_dir: Path, te
     lines = [f"Probe: an MLP reads the box's {text_len} digits (in order) from the {crop}x{crop} corner tokens, "
              f"as they are "
              f"or 2x2 average pooled ({n_train} training scenes, {n_test} held out; exact match, %). "
-             f"Pooling the dense targets makes the digits' order unrecoverable in "
+             f"The 2x2-pooled dense targets cannot tell the string from its reverse in "
              f"{100 * results['order_lost_by_pooling_targets']:.1f}% of scenes.", "",
              "| source | channels | full | 2x2 pooled | lost to pooling |", "|---|---|---|---|---|"]
     for source, row in results.items():

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.committed_rows import base_fingerprint, merge_committed  # noqa: E402
+from experiments.committed_rows import merge_committed, weights_fingerprint  # noqa: E402
 from experiments.headline_table import FITS  # noqa: E402
 from experiments.runs import parse_row_args  # noqa: E402
 from experiments.tb_scalars import latest_scalars  # noqa: E402
@@ -84,7 +84,7 @@ def main() -> None:
     if not args.table_only:
         for name in names:
             run(name)
-    print(write(collect(names), ROOT / "experiments" / "results", base_fingerprint()))
+    print(write(collect(names), ROOT / "experiments" / "results", weights_fingerprint()))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Table rewrites keep rows measured earlier on the same base (experiments/committed_rows.py)."""
 import csv
 
-from experiments.committed_rows import base_fingerprint, merge_committed, read_rows
+from experiments.committed_rows import merge_committed, weights_fingerprint, read_rows
 
 
 def _write(path, rows):
@@ -39,4 +39,4 @@ def test_missing_table_and_fingerprint(tmp_path):
     assert merge_committed([dict(row="a")], tmp_path / "none.csv", ["row"], "b") == [dict(row="a", base="b")]
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"abc")
-    assert base_fingerprint(weights) == "ba7816bf8f01"
+    assert weights_fingerprint(weights) == "ba7816bf8f01"
