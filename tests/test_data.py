@@ -6,7 +6,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from src.data.generator import vocabulary
+from src.data.generator import GeneratorConfig, vocabulary
 from src.data.shards import (QAExpander, SampleError, ShardError, collate, qa_dataset, write_generated_split)
 from src.data.tokenizer import WordTokenizer
 
@@ -173,9 +173,28 @@ def test_shards_made_with_other_settings_are_not_reused(tmp_path):
         ensure_default_dataset(tmp_path, 4, 3, seed=0, images_per_shard=2)
     with pytest.raises(ValueError, match=r"data.train_aux_questions: on disk None, configured True"):
         ensure_default_dataset(tmp_path, 4, 2, seed=0, images_per_shard=2, train_aux_questions=True)
+    with pytest.raises(ValueError, match=r"data.generator: on disk .*'text_len': 2.*'text_len': 5"):
+        ensure_default_dataset(tmp_path, 4, 2, seed=0, images_per_shard=2, config=GeneratorConfig(text_len=5))
     (tmp_path / "meta.json").unlink()
     with pytest.raises(ValueError, match="no meta.json"):
         ensure_default_dataset(tmp_path, 4, 2, seed=0, images_per_shard=2)
+
+
+def test_text_len_sets_the_generated_read_box(tmp_path):
+    """data.text_len reaches the generated shards: every `read` answer has that many digits."""
+    from src.data.datamodule import VQADataModule
+
+    dm = VQADataModule(root=str(tmp_path), train_images=3, val_images=2, images_per_shard=3, text_len=5)
+    dm.prepare_data()
+    assert json.loads((tmp_path / "meta.json").read_text())["generator"]["text_len"] == 5
+    answers = [qa["answer"] for url in sorted(tmp_path.glob("*.tar")) for sample in wds.WebDataset(str(url))
+               for qa in json.loads(sample["json"])["qa"] if qa["task"] == "read"]
+    assert len(answers) == 5 and all(len(a.split()) == 5 for a in answers)
+    for bad in (0, 7):
+        with pytest.raises(ValueError, match="data.text_len"):
+            VQADataModule(root=str(tmp_path), text_len=bad)
+    with pytest.raises(ValueError, match="data.large_question"):
+        VQADataModule(root=str(tmp_path), large_question="size")
 
 
 def test_train_tasks_keeps_only_those_tasks(tmp_path):

@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 
-from src.data.generator import (AUX_TASKS, BACKGROUNDS, LARGE_COLOR, MEDIUM_COLORS, SMALL_COLORS, TASKS, SceneGenerator, relation,
-                                vocabulary)
+from src.data.generator import (AUX_TASKS, BACKGROUNDS, LARGE_COLOR, MEDIUM_COLORS, SMALL_COLORS, TASKS, GeneratorConfig,
+                                SceneGenerator, relation, vocabulary)
 from src.data.tokenizer import WordTokenizer
 
 
@@ -49,6 +50,28 @@ def test_labels_match_the_drawn_scene():
                 asked = qa["question"].split()[4]
                 present = scene["large"] is not None and scene["large"]["shape"] == asked
                 assert qa["answer"] == ("yes" if present else "no")
+
+
+def test_large_shape_question_and_longer_text():
+    """`large_question="shape"` asks the large object's shape (or "none") as the evaluated `large`
+    question, and the training-only duplicate of it is dropped; `text_len` sets the box's digits."""
+    gen = SceneGenerator(seed=3, config=GeneratorConfig(text_len=5, large_question="shape"), aux_questions=True)
+    tok = WordTokenizer(vocabulary())
+    answers = set()
+    for i in range(30):
+        image, scene, qa = gen.generate(i)
+        (large,) = [q for q in qa if q["task"] == "large"]
+        assert large["question"] == "what shape is the large object ?"
+        assert large["answer"] == (scene["large"]["shape"] if scene["large"] else "none")
+        answers.add(large["answer"])
+        assert not any(q["task"] == "large_shape" for q in qa)
+        (read,) = [q for q in qa if q["task"] == "read"]
+        assert read["answer"].split() == list(scene["text_box"]["text"]) and len(scene["text_box"]["text"]) == 5
+        assert len(scene["text_box"]["glyphs"]) == 5
+        assert all(tok.unk_id not in tok.encode(q["question"]) + tok.encode(q["answer"]) for q in qa)
+    assert answers == {"circle", "square", "triangle", "none"}
+    with pytest.raises(ValueError, match="generator.large_question"):
+        GeneratorConfig(large_question="color")
 
 
 def test_count_answers_cover_the_range():

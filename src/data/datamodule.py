@@ -9,6 +9,7 @@ from typing import List, Optional
 import lightning as L
 from torch.utils.data import DataLoader
 
+from src.data.generator import LARGE_QUESTIONS, GeneratorConfig
 from src.data.shards import QAExpander, collate, ensure_default_dataset, qa_dataset
 from src.data.tokenizer import ChatTokenizer, WordTokenizer, load_tokenizer
 from src.data.tokenizer import chat_template as resolve_chat_template
@@ -24,6 +25,11 @@ class VQADataModule(L.LightningDataModule):
     `train_aux_questions` adds the generator's training-only questions (`AUX_TASKS`: the large
     object's shape, a medium object's 3 x 3 cell, the box's digits sorted) to the generated train
     split (the base's recipe).
+    `text_len`: how many digits the generated `read` box holds (1-6; the generator's `text_len`).
+    Longer strings put more digits in each 2x2-pooled cell, so pooling costs `read` more
+    (experiments/results/pooling_probe_text*.md). `large_question`: what the generated `large`
+    question asks, `presence` ("is there a large circle ?") or `shape` ("what shape is the large
+    object ?"); see src/data/generator.py.
     `tokenizer_path` (default `root/tokenizer.json`): our word tokenizer file or a Hugging Face
     tokenizer.json (or its folder), laid out in `chat_template` (a name in
     `src.data.tokenizer.CHAT_TEMPLATES`; Hugging Face tokenizers only).
@@ -50,6 +56,8 @@ class VQADataModule(L.LightningDataModule):
         train_turns: int = 1,
         train_tasks: Optional[List[str]] = None,
         train_aux_questions: bool = False,
+        text_len: int = 2,
+        large_question: str = "presence",
         tokenizer_path: Optional[str] = None,
         chat_template: str = "chatml",
         predict_shards: Optional[str] = None,
@@ -62,6 +70,10 @@ class VQADataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if not 1 <= text_len <= 6:
+            raise ValueError(f"data.text_len must be in 1..6 (digits in the read box), got {text_len}")
+        if large_question not in LARGE_QUESTIONS:
+            raise ValueError(f"data.large_question must be one of {LARGE_QUESTIONS}, got {large_question!r}")
         if shuffle_buffer < 0:
             raise ValueError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
         if tokenizer_path is not None and not Path(tokenizer_path).exists():
@@ -77,7 +89,8 @@ class VQADataModule(L.LightningDataModule):
         h = self.hparams
         if h.generate:
             ensure_default_dataset(self.root, h.train_images, h.val_images, h.seed, h.images_per_shard,
-                                   h.train_aux_questions)
+                                   h.train_aux_questions,
+                                   GeneratorConfig(text_len=h.text_len, large_question=h.large_question))
         elif h.tokenizer_path is None and not (self.root / "tokenizer.json").exists():
             raise FileNotFoundError(f"data.root={self.root} has no tokenizer.json (and data.generate is false)")
 

@@ -6,14 +6,17 @@ tests can check them). One scene holds:
 
 - a background colour                          -> `background` (easy)
 - maybe one large shape (32-40 px)             -> `large`      (easy): "is there a large circle ?"
+                                                  (`large_question="shape"`: "what shape is the
+                                                  large object ?", answer the shape or "none")
 - two medium objects (12 px), unique colours   -> `spatial`    (easy): "where is A relative to B ?"
-- a small box in a corner with 2 digits        -> `read`       (hard): glyphs 5-6 px wide
+- a small box in a corner with `text_len` digits (default 2) -> `read` (hard): glyphs 5-6 px wide
 - 0-3 small objects (6 px) of each of red/blue x circle/square -> `count` (hard)
 
 Training-only auxiliary questions (`aux_questions=True`; the base's training split, as LLaVA's
 alignment stage trains on descriptions before instructions) ask for one fact at a time that the
 evaluated tasks combine: the large object's shape (`large_shape`; `large` asks yes/no about one
-shape, which a model answers 83% right from presence alone and so never learns the shape), and
+shape, which a model answers 83% right from presence alone and so never learns the shape; with
+`large_question="shape"` the evaluated `large` question is this one and it is not repeated), and
 where a medium object lies on a 3 x 3 grid of the image (`locate`; `spatial` compares two such
 positions), and which digits the box holds, in increasing order (`digits`; `read` also needs
 their left-to-right order). They come after the evaluated questions and draw nothing at random,
@@ -46,6 +49,8 @@ TASKS = ("background", "large", "spatial", "read", "count")
 AUX_TASKS = ("large_shape", "locate", "digits")  # training-only (see the module docstring)
 DIFFICULTY = {"background": "easy", "large": "easy", "spatial": "easy", "read": "hard", "count": "hard",
               "large_shape": "easy", "locate": "easy", "digits": "hard"}
+LARGE_SHAPE_QUESTION = "what shape is the large object ?"
+LARGE_QUESTIONS = ("presence", "shape")  # what the evaluated `large` question asks
 ROWS3, COLS3 = ("top", "middle", "bottom"), ("left", "center", "right")
 
 Box = Tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive-exclusive)
@@ -62,6 +67,7 @@ class GeneratorConfig:
     font_size: int = 10
     count_questions: int = 2
     min_relation_offset: int = 20
+    large_question: str = "presence"  # or "shape" (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.image_size < 64:
@@ -70,6 +76,8 @@ class GeneratorConfig:
             raise ValueError(f"generator.max_count must be in 1..9, got {self.max_count}")
         if not 1 <= self.text_len <= 6:
             raise ValueError(f"generator.text_len must be in 1..6, got {self.text_len}")
+        if self.large_question not in LARGE_QUESTIONS:
+            raise ValueError(f"generator.large_question must be one of {LARGE_QUESTIONS}, got {self.large_question!r}")
 
 
 def vocabulary() -> List[str]:
@@ -229,11 +237,14 @@ class SceneGenerator:
         """All QA pairs for a scene, answered from the scene description."""
         qa = [_qa("background", "what color is the background ?", scene["background"])]
         large = scene["large"]
-        if large is not None and rng.random() < 0.75:
-            asked = large["shape"]
+        if self.config.large_question == "shape":
+            qa.append(_qa("large", LARGE_SHAPE_QUESTION, large["shape"] if large else "none"))
         else:
-            asked = rng.choice([s for s in SHAPES if large is None or s != large["shape"]])
-        qa.append(_qa("large", f"is there a large {asked} ?", "yes" if large and large["shape"] == asked else "no"))
+            if large is not None and rng.random() < 0.75:
+                asked = large["shape"]
+            else:
+                asked = rng.choice([s for s in SHAPES if large is None or s != large["shape"]])
+            qa.append(_qa("large", f"is there a large {asked} ?", "yes" if large and large["shape"] == asked else "no"))
         pair = scene["medium"]
         if pair is not None:
             a, b = pair["a"], pair["b"]
@@ -252,7 +263,9 @@ class SceneGenerator:
         """The training-only questions: the large object's shape, each medium object's cell of a
         3 x 3 grid (by its centre), the box's digits sorted."""
         large = scene["large"]
-        qa = [_qa("large_shape", "what shape is the large object ?", large["shape"] if large else "none")]
+        qa = []
+        if self.config.large_question != "shape":  # else the evaluated `large` question is this one
+            qa.append(_qa("large_shape", LARGE_SHAPE_QUESTION, large["shape"] if large else "none"))
         third = self.config.image_size / 3
         pair = scene["medium"]
         for obj in (pair["a"], pair["b"]) if pair else ():

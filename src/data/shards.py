@@ -72,21 +72,26 @@ def write_generated_split(root: str | Path, split: str, n_images: int, seed: int
 
 
 def ensure_default_dataset(root: str | Path, train_images: int, val_images: int, seed: int,
-                           images_per_shard: int = 1000, train_aux_questions: bool = False) -> None:
-    """Generate the embedded default (train, val, tokenizer.json) where missing; the train split
-    also holds the generator's training-only questions when `train_aux_questions`.
+                           images_per_shard: int = 1000, train_aux_questions: bool = False,
+                           config: Optional[GeneratorConfig] = None) -> None:
+    """Generate the embedded default (train, val, tokenizer.json) where missing, with the
+    generator's `config` (default: `GeneratorConfig()`); the train split also holds the generator's
+    training-only questions when `train_aux_questions`.
 
     `root/meta.json` records how the shards were made; shards made with other settings are never
     reused silently (a changed seed or size is an error naming the fields)."""
     root = Path(root)
+    config = config or GeneratorConfig()
     want = {"seed": seed, "train_images": train_images, "val_images": val_images,
-            "images_per_shard": images_per_shard, "generator": asdict(GeneratorConfig())}
+            "images_per_shard": images_per_shard, "generator": asdict(config)}
     if train_aux_questions:  # recorded only when on: folders made before the option still match
         want["train_aux_questions"] = True
     want = json.loads(json.dumps(want))  # compare as stored (tuples become lists)
     meta_path = root / "meta.json"
     if meta_path.exists():
         have = json.loads(meta_path.read_text())
+        if "generator" in have:  # a generator field added since those shards were made had its default then
+            have["generator"] = {**json.loads(json.dumps(asdict(GeneratorConfig()))), **have["generator"]}
         diff = {k: (have.get(k), want.get(k)) for k in {**have, **want} if have.get(k) != want.get(k)}
         if diff:
             raise ValueError(f"data.root={root} holds shards generated with other settings "
@@ -95,8 +100,8 @@ def ensure_default_dataset(root: str | Path, train_images: int, val_images: int,
     elif any(root.glob("*.tar")):
         raise ValueError(f"data.root={root} holds shards but no meta.json saying how they were made; "
                          "delete that folder or choose another data.root")
-    write_generated_split(root, "train", train_images, seed, images_per_shard, aux_questions=train_aux_questions)
-    write_generated_split(root, "val", val_images, seed + 1_000_000, images_per_shard)
+    write_generated_split(root, "train", train_images, seed, images_per_shard, config, aux_questions=train_aux_questions)
+    write_generated_split(root, "val", val_images, seed + 1_000_000, images_per_shard, config)
     WordTokenizer(vocabulary()).save(root / "tokenizer.json")
     meta_path.write_text(json.dumps(want, indent=1))
 
