@@ -1,5 +1,5 @@
 """The headline table: VISOR against token reduction, every row fine-tuned from the shipped base
-with the vision encoder frozen and one recipe (configs/visor.yaml's: 1400 steps, 300 of them new
+with the vision encoder frozen and one recipe (configs/visor.yaml's: 900 steps, 200 of them new
 parts only), seed 0, run one after the other on one machine.
 
     python experiments/headline_table.py [--only full_fastv50,...] [--table-only] [--steps N]

@@ -29,6 +29,21 @@ def test_base_config_trains_and_exports(workdir):
     assert set(vision) == set(shipped) and all(torch.equal(vision[k], shipped[k]) for k in shipped)
 
 
+def test_base_stage2_continues_from_a_base(workdir, base_export):
+    """Stage 2 of the base loads stage 1's export and trains it on five-digit boxes."""
+    encoder = str(ROOT / "checkpoints/encoder/model.safetensors")
+    cli = _fit("configs/base_stage2.yaml", "--model.base_checkpoint", base_export,
+               "--model.lvlm.init_args.vision.init_args.weights_path", encoder)
+    assert cli.trainer.global_step == 2 and cli.datamodule.hparams.text_len == 5
+    assert (workdir / "outputs/base_stage2/export/model.safetensors").exists()
+    from safetensors.torch import load_file
+    start = load_file(base_export + "/model.safetensors")
+    trained = cli.model.lvlm.state_dict()
+    vision = [k for k in start if k.startswith("vision.") and start[k].is_floating_point()]
+    assert vision and all(torch.equal(trained[k].half(), start[k]) for k in vision)  # loaded, frozen
+    assert any(not torch.equal(trained[k].half(), v) for k, v in start.items() if k.startswith("decoder."))
+
+
 @pytest.mark.parametrize("config", ["configs/visor.yaml", "configs/full.yaml"])
 def test_shipped_base_loads_into_the_main_configs(workdir, config):
     """The main job's path: the shipped checkpoint fits the architecture the configs declare."""
