@@ -239,8 +239,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.train < 1 or args.test < 1:
         sys.exit("--train and --test must be >= 1")
-    if not 1 <= args.text_len <= 6:
-        sys.exit(f"--text-len must be in 1..6, got {args.text_len}")
+    try:
+        GeneratorConfig(text_len=args.text_len)  # the generator's own check
+    except ValueError as e:
+        sys.exit(f"--text-len: {e}")
     results = run([s for s in args.sources.split(",") if s], args.train, args.test, text_len=args.text_len)
     print(write(results, args.train, args.test, ROOT / "experiments" / "results", args.text_len))
 

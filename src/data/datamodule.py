@@ -9,7 +9,7 @@ from typing import List, Optional
 import lightning as L
 from torch.utils.data import DataLoader
 
-from src.data.generator import LARGE_QUESTIONS, GeneratorConfig
+from src.data.generator import GeneratorConfig
 from src.data.shards import QAExpander, collate, ensure_default_dataset, qa_dataset
 from src.data.tokenizer import ChatTokenizer, WordTokenizer, load_tokenizer
 from src.data.tokenizer import chat_template as resolve_chat_template
@@ -70,10 +70,10 @@ class VQADataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        if not 1 <= text_len <= 6:
-            raise ValueError(f"data.text_len must be in 1..6 (digits in the read box), got {text_len}")
-        if large_question not in LARGE_QUESTIONS:
-            raise ValueError(f"data.large_question must be one of {LARGE_QUESTIONS}, got {large_question!r}")
+        try:  # the generator checks its own fields; ours carry the same names under data.
+            self.generator_config = GeneratorConfig(text_len=text_len, large_question=large_question)
+        except ValueError as e:
+            raise ValueError(str(e).replace("generator.", "data.", 1)) from None
         if shuffle_buffer < 0:
             raise ValueError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
         if tokenizer_path is not None and not Path(tokenizer_path).exists():
@@ -89,8 +89,7 @@ class VQADataModule(L.LightningDataModule):
         h = self.hparams
         if h.generate:
             ensure_default_dataset(self.root, h.train_images, h.val_images, h.seed, h.images_per_shard,
-                                   h.train_aux_questions,
-                                   GeneratorConfig(text_len=h.text_len, large_question=h.large_question))
+                                   h.train_aux_questions, self.generator_config)
         elif h.tokenizer_path is None and not (self.root / "tokenizer.json").exists():
             raise FileNotFoundError(f"data.root={self.root} has no tokenizer.json (and data.generate is false)")
 

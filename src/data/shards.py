@@ -71,6 +71,11 @@ def write_generated_split(root: str | Path, split: str, n_images: int, seed: int
     return paths
 
 
+def _as_stored(value):
+    """`value` as it reads back from meta.json (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
 def ensure_default_dataset(root: str | Path, train_images: int, val_images: int, seed: int,
                            images_per_shard: int = 1000, train_aux_questions: bool = False,
                            config: Optional[GeneratorConfig] = None) -> None:
@@ -86,12 +91,12 @@ def ensure_default_dataset(root: str | Path, train_images: int, val_images: int,
             "images_per_shard": images_per_shard, "generator": asdict(config)}
     if train_aux_questions:  # recorded only when on: folders made before the option still match
         want["train_aux_questions"] = True
-    want = json.loads(json.dumps(want))  # compare as stored (tuples become lists)
+    want = _as_stored(want)  # compare as stored (tuples become lists)
     meta_path = root / "meta.json"
     if meta_path.exists():
         have = json.loads(meta_path.read_text())
         if "generator" in have:  # a generator field added since those shards were made had its default then
-            have["generator"] = {**json.loads(json.dumps(asdict(GeneratorConfig()))), **have["generator"]}
+            have["generator"] = {**_as_stored(asdict(GeneratorConfig())), **have["generator"]}
         diff = {k: (have.get(k), want.get(k)) for k in {**have, **want} if have.get(k) != want.get(k)}
         if diff:
             raise ValueError(f"data.root={root} holds shards generated with other settings "
