@@ -36,7 +36,8 @@ def _delta(name: str) -> List[str]:
 # name -> (description, fit arguments); fits in outputs/table/<name>
 FITS: Dict[str, tuple] = {
     "full": ("full (every layer self)", FULL),
-    "visor": ("VISOR S C T C T C", VISOR),
+    "visor": ("VISOR S C C T C C", VISOR),
+    "visor_c135": ("VISOR S C T C T C", VISOR + ["--model.lvlm.init_args.plan.cross_layers", "[1, 3, 5]"]),
     "full_pool2": ("pool 2x2", FULL + _delta("pool2")),
     "full_pool4": ("pool 4x4", FULL + _delta("pool4")),
     "full_visionzip25": ("VisionZip-style 25%", FULL + _delta("visionzip25")),
