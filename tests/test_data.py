@@ -211,3 +211,29 @@ def test_train_tasks_keeps_only_those_tasks(tmp_path):
     assert collate(_read([shard], tasks=["background"]), TOK.pad_id)["skipped"] == {"missing_field": 1}
     with pytest.raises(ValueError, match="data.train_tasks"):
         QAExpander(TOK, 32, 24, tasks=[])
+
+
+def test_the_run_seed_orders_training_but_not_the_data(tmp_path, monkeypatch):
+    """data.shuffle_seed (default: the run's seed_everything) changes the training order, not the
+    generated images; validation order never changes."""
+    from src.data.datamodule import VQADataModule
+
+    def order(split="train", **kw):
+        dm = VQADataModule(root=str(tmp_path), train_images=40, val_images=4, images_per_shard=10, num_workers=0,
+                           shuffle_buffer=20, batch_size=8, val_batch_size=8, **kw)
+        dm.prepare_data()
+        dm.setup()
+        loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+        return [k for batch in loader for k in batch["key"]]
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    by_data_seed = order()
+    assert by_data_seed == order(shuffle_seed=0)  # no run seed: data.seed orders it, as before
+    other = order(shuffle_seed=1)
+    assert other != by_data_seed and sorted(other) == sorted(by_data_seed)  # same samples, new order
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    assert order() == other
+    assert order(shuffle_seed=0) == by_data_seed  # an explicit shuffle_seed wins
+    assert order("val") == order("val", shuffle_seed=3)
+    with pytest.raises(ValueError, match="data.shuffle_seed"):
+        VQADataModule(root=str(tmp_path), shuffle_seed=-1)

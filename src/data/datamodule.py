@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,6 +20,10 @@ class VQADataModule(L.LightningDataModule):
     """Shards `root/train-*.tar`, `root/val-*.tar` and `root/tokenizer.json`.
 
     With `generate: true` (the embedded default) missing shards are generated from `seed`.
+    `shuffle_seed` orders the training stream (shard order and shuffle buffer); None (the default)
+    takes the run's seed (`seed_everything`, which Lightning exports as PL_GLOBAL_SEED), or `seed`
+    when the run sets none. So a run's seed changes what it trains on in which order, while the
+    data set itself stays the one `seed` made.
     `train_turns` > 1 packs that many questions about one image into each training sequence
     (multi-turn, as LLaVA); validation is always one question per sequence. `train_tasks` (default
     all) trains on those tasks' questions only; validation still scores every task.
@@ -45,6 +50,7 @@ class VQADataModule(L.LightningDataModule):
         val_images: int = 500,
         images_per_shard: int = 1000,
         seed: int = 0,
+        shuffle_seed: Optional[int] = None,
         image_size: int = 128,
         batch_size: int = 32,
         val_batch_size: int = 64,
@@ -74,6 +80,8 @@ class VQADataModule(L.LightningDataModule):
             self.generator_config = GeneratorConfig(text_len=text_len, large_question=large_question)
         except ValueError as e:
             raise ValueError(str(e).replace("generator.", "data.", 1)) from None
+        if shuffle_seed is not None and shuffle_seed < 0:
+            raise ValueError(f"data.shuffle_seed must be >= 0 or null, got {shuffle_seed}")
         if shuffle_buffer < 0:
             raise ValueError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
         if tokenizer_path is not None and not Path(tokenizer_path).exists():
@@ -108,9 +116,17 @@ class VQADataModule(L.LightningDataModule):
             raise FileNotFoundError(f"no {split} shards under data.root={self.root}")
         return urls
 
+    def training_order_seed(self) -> int:
+        """The seed of the training stream's order: `shuffle_seed`, else the run's, else `seed`."""
+        h = self.hparams
+        if h.shuffle_seed is not None:
+            return h.shuffle_seed
+        run_seed = os.environ.get("PL_GLOBAL_SEED")
+        return int(run_seed) if run_seed is not None else h.seed
+
     def _loader(self, split: str, batch_size: int, shuffle: int) -> DataLoader:
         assert self.tokenizer is not None, "call setup() first"
-        ds = qa_dataset(self.shards(split), self.expanders[split], shuffle=shuffle, seed=self.hparams.seed)
+        ds = qa_dataset(self.shards(split), self.expanders[split], shuffle=shuffle, seed=self.training_order_seed())
         return DataLoader(ds, batch_size=batch_size, num_workers=self.hparams.num_workers,
                           collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_id),
                           persistent_workers=self.hparams.num_workers > 0)
