@@ -2,10 +2,12 @@
 with the vision encoder frozen and one recipe (configs/visor.yaml's: 900 steps, 200 of them new
 parts only), seed 0, run one after the other on one machine.
 
-    python experiments/headline_table.py [--only full_fastv50,...] [--table-only] [--steps N]
+    python experiments/headline_table.py [--only full_fastv50,...] [--table-only] [--steps N] [--seed K]
 
 Rows are fits under outputs/table/<row> (shared with experiments/foundation_table.py: `visor`,
-`full` and `full_pool2` are its rows, not rerun), plus two rows read from
+`full` and `full_pool2` are its rows, not rerun); `--seed K` (K > 0) fits them again with
+seed_everything K, which orders the training stream, under outputs/table_seed<K>/<row>, and the
+table lists every seed found, one line each. Plus two rows read from
 experiments/budget_report.py's runs: VISOR at each budget (the universal model) and VISOR with
 the REINFORCE router. A finished row is not rerun. Writes experiments/results/headline.{md,csv}
 and headline.png (hard accuracy vs LLM GFLOPs per sample, Pareto front marked).
@@ -53,15 +55,27 @@ def _values(logdir: Path) -> dict:
     return {k: v.value for k, v in latest_scalars(str(logdir), "val/").items()}
 
 
+def seed_group(seed: int) -> str:
+    """Where a row's fit with this seed lives: outputs/<group>/<row> (seed 0: the configs' own, `table`)."""
+    return "table" if seed == 0 else f"table_seed{seed}"
+
+
+def _fitted_seeds() -> List[int]:
+    found = (p.name[len("table_seed"):] for p in (ROOT / "outputs").glob("table_seed*"))
+    return [0] + sorted(int(s) for s in found if s.isdigit())
+
+
 def collect() -> List[dict]:
-    """One record per row that has results on this machine (keys: the CSV's columns)."""
+    """One record per row and seed that has results on this machine (keys: the CSV's columns)."""
     records = []
     for name, (what, _) in FITS.items():
-        logdir = run_logdir("table", name)
-        if (logdir / "DONE").exists():
-            v = _values(logdir)
-            records.append(dict(row=name, what=what, easy=v.get("val/acc/easy"), hard=v.get("val/acc/hard"),
-                                llm_gflops=v.get("val/gflops"), read=v.get("val/acc/read"), count=v.get("val/acc/count")))
+        for seed in _fitted_seeds():
+            logdir = run_logdir(seed_group(seed), name)
+            if (logdir / "DONE").exists():
+                v = _values(logdir)
+                records.append(dict(row=name, what=what, seed=seed, easy=v.get("val/acc/easy"),
+                                    hard=v.get("val/acc/hard"), llm_gflops=v.get("val/gflops"),
+                                    read=v.get("val/acc/read"), count=v.get("val/acc/count")))
     universal = run_logdir("budgets", "universal")
     if (universal / "DONE").exists():
         v = _values(universal)
@@ -75,7 +89,7 @@ def collect() -> List[dict]:
         records.append(dict(row="policy_reinforce", what="VISOR universal + REINFORCE router", easy=v.get("val/acc/easy"),
                             hard=v.get("val/acc/hard"), llm_gflops=v.get("val/gflops"), read=v.get("val/acc/read"),
                             count=v.get("val/acc/count")))
-    return [dict(r, seed=0) for r in records if None not in (r["easy"], r["hard"], r["llm_gflops"])]
+    return [dict(r, seed=r.get("seed", 0)) for r in records if None not in (r["easy"], r["hard"], r["llm_gflops"])]
 
 
 ROW_ORDER = list(FITS) + [f"universal@{k}" for k in range(N_BUDGETS)] + ["policy_reinforce"]
@@ -86,24 +100,28 @@ def write(records: List[dict], out_dir: Path, base: str) -> str:
     """Writes headline.{md,csv,png} from `records` (measured on base `base`) and the committed rows
     of the same base that were not measured now (experiments/committed_rows.py)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = merge_committed(records, out_dir / "headline.csv", ["row"], base, ROW_ORDER)
+    records = merge_committed(records, out_dir / "headline.csv", ["row", "seed"], base, ROW_ORDER)
+    rank = {name: i for i, name in enumerate(ROW_ORDER)}
+    records.sort(key=lambda r: (rank.get(r["row"], len(rank)), r["seed"]))
     full = next((r["llm_gflops"] for r in records if r["row"] == "full"), None)
-    lines = ["Every row fine-tuned from the shipped base (encoder frozen, configs/visor.yaml's recipe, seed 0). "
-             "Accuracy in % (exact match, final validation: 500 images, 3000 questions); LLM GFLOPs per sample; "
-             "savings = full / row. The hard tasks are `read` and `count` (their columns: `-` where the run logs "
-             "no per-task accuracy per budget).", "",
-             "| row | what | easy | hard | read | count | LLM GFLOPs | savings |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["Every row fine-tuned from the shipped base (encoder frozen, configs/visor.yaml's recipe; the seed "
+             "orders the training stream). Accuracy in % (exact match, final validation: 500 images, 3000 questions); "
+             "LLM GFLOPs per sample; savings = full / row. The hard tasks are `read` and `count` (their columns: `-` "
+             "where the run logs no per-task accuracy per budget).", "",
+             "| row | what | seed | easy | hard | read | count | LLM GFLOPs | savings |",
+             "|---|---|---|---|---|---|---|---|---|"]
     with open(out_dir / "headline.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
         for r in records:
             r["savings"] = savings = full / r["llm_gflops"] if full else None
-            lines.append(f"| {r['row']} | {r['what']} | {pct(r['easy'])} | {pct(r['hard'])} | {pct(r.get('read'))} | "
+            lines.append(f"| {r['row']} | {r['what']} | {r['seed']} | {pct(r['easy'])} | {pct(r['hard'])} | {pct(r.get('read'))} | "
                          f"{pct(r.get('count'))} | {r['llm_gflops']:.3f} | {'-' if savings is None else f'{savings:.2f}x'} |")
             w.writerow([r.get(c) for c in COLUMNS])
     if records:
-        pareto_chart({r["row"]: (r["llm_gflops"], 100 * r["hard"]) for r in records},
+        label = lambda r: r["row"] if r["seed"] == 0 else f"{r['row']} (seed {r['seed']})"  # noqa: E731
+        pareto_chart({label(r): (r["llm_gflops"], 100 * r["hard"]) for r in records},
                      title="hard accuracy vs LLM GFLOPs per sample", xlabel="LLM GFLOPs per sample",
                      ylabel="hard accuracy %").save(out_dir / "headline.png")
     text = "\n".join(lines) + "\n"
@@ -112,10 +130,11 @@ def write(records: List[dict], out_dir: Path, base: str) -> str:
 
 
 def main() -> None:
-    args, names = parse_row_args(__doc__, FITS)
+    args, names = parse_row_args(__doc__, FITS, seed=True)
     if not args.table_only:
+        seed_args = ["--seed_everything", str(args.seed)] if args.seed else []
         for name in names:
-            run_fit("table", name, FITS[name][1], args.steps)
+            run_fit(seed_group(args.seed), name, FITS[name][1] + seed_args, args.steps)
     print(write(collect(), ROOT / "experiments" / "results", weights_fingerprint()))
 
 

@@ -39,15 +39,20 @@ def run_fit(group: str, name: str, args: List[str], steps: Optional[int] = None,
     return logdir
 
 
-def parse_row_args(doc: str, rows, steps: bool = True):
+def parse_row_args(doc: str, rows, steps: bool = True, seed: bool = False):
     """The row runners' shared CLI: --only (rows, validated against `rows`), --table-only and, for fits,
-    --steps -> (args, chosen row names in the order given)."""
+    --steps (and --seed where `seed`) -> (args, chosen row names in the order given)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if steps:
         ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps for every row")
+    if seed:
+        ap.add_argument("--seed", type=int, default=0,
+                        help="the fits' seed_everything (it orders the training stream); seed 0 is the configs' own")
     ap.add_argument("--only", default=",".join(rows), help="comma-separated rows")
     ap.add_argument("--table-only", action="store_true", help="only (re)write the table from finished runs")
     args = ap.parse_args()
+    if seed and args.seed < 0:
+        sys.exit(f"--seed must be >= 0, got {args.seed}")
     names = [n for n in args.only.split(",") if n]
     unknown = set(names) - set(rows)
     if unknown:
