@@ -251,7 +251,7 @@ def test_cli_predict_writes_jsonl(tmp_path, monkeypatch):
                 "--predict_writer.output_path", str(out), *SMALL_DATA])
     rows = _read_jsonl(out, cli)
     lvlm = cli.model.lvlm
-    assert all(r["budget"] == 0 and r["budget_layers"] == "SCTCTC" and 1 <= r["generated_tokens"] <= 3 for r in rows)
+    assert all(r["budget"] == 0 and r["budget_layers"] == "SCCTCC" and 1 <= r["generated_tokens"] <= 3 for r in rows)
     r = rows[0]
     assert r["gflops"] == pytest.approx(sample_flops(lvlm, r["prompt_tokens"], 0).llm / 1e9)
     # the question is the prompt's question span (no <bos>/<sep>), the answer what the labels supervise
