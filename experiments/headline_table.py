@@ -100,8 +100,8 @@ def write(records: List[dict], out_dir: Path, base: str) -> str:
     """Writes headline.{md,csv,png} from `records` (measured on base `base`) and the committed rows
     of the same base that were not measured now (experiments/committed_rows.py)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = merge_committed(records, out_dir / "headline.csv", ["row", "seed"], base, ROW_ORDER)
-    rank = {name: i for i, name in enumerate(ROW_ORDER)}
+    records = merge_committed(records, out_dir / "headline.csv", ["row", "seed"], base)
+    rank = {name: i for i, name in enumerate(ROW_ORDER)}  # rows in ROW_ORDER, each row's seeds ascending
     records.sort(key=lambda r: (rank.get(r["row"], len(rank)), r["seed"]))
     full = next((r["llm_gflops"] for r in records if r["row"] == "full"), None)
     lines = ["Every row fine-tuned from the shipped base (encoder frozen, configs/visor.yaml's recipe; the seed "
