@@ -26,7 +26,7 @@ from experiments.tb_scalars import latest_scalars  # noqa: E402
 from src.plots import xy_chart  # noqa: E402
 
 GROUP = "budgets"
-N_BUDGETS = 3  # configs/universal.yaml: S C T C T C, S C S C T C, S C S C S C
+N_BUDGETS = 3  # configs/universal.yaml: S C C T C C (= configs/visor.yaml), S C S T C C, S C S T S C
 UNIVERSAL = ["--config", "configs/visor.yaml", "--config", "configs/universal.yaml"]
 EXPORT = "outputs/universal/export"  # configs/universal.yaml's ExportCheckpoint
 
