@@ -65,6 +65,44 @@ def test_cross_init_copies_host_attention(tiny_decoder_config):
     assert not torch.equal(rnd.cross["2"].q_proj.weight, rnd.layers[2].attn.q_proj.weight)
 
 
+def _host_text_to_visual_logits(dec, i, visual, text):
+    """Host layer i's self-attention logits of the text queries over the visual keys (B, H, T, V),
+    in the original LVLM: [visual; text] at positions 0..V+T-1, RoPE on q and k."""
+    from src.models.decoder import apply_rope
+    B, V, _ = visual.shape
+    T = text.shape[1]
+    attn = dec.layers[i].attn
+    x = dec.layers[i].input_norm(torch.cat([visual, text], 1))
+    q = attn.q_proj(x).view(B, V + T, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(B, V + T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    cos, sin = dec.rope(dec.positions(V, T, x.device), x.dtype)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
+    return (q[:, :, V:] @ k[:, :, :V].transpose(-1, -2))  # (B, H, T, V)
+
+
+@pytest.mark.parametrize("cross_rope", [False, True])
+def test_cross_rope_starts_as_the_hosts_text_to_visual_attention(tiny_decoder_config, cross_rope):
+    """With cross_rope a host-initialised cross sublayer attends exactly as its host layer's text
+    queries did over the visual keys; without RoPE it does not (the positional code is lost)."""
+    c = tiny_decoder_config
+    torch.manual_seed(0)
+    dec = Decoder(c, LayerPlan(c.n_layers, self_layers=[0], cross_layers=[2]), cross_rope=cross_rope).eval()
+    V, T = 12, 5
+    visual, text = torch.randn(2, V, c.d_model), torch.randn(2, T, c.d_model)
+    cos, sin = dec.rope(dec.positions(V, T, visual.device), visual.dtype)
+    cross = dec.cross["2"]
+    with torch.no_grad():
+        q = cross.queries(text, cos[..., V:, :], sin[..., V:, :])
+        k, _ = cross.visual_kv(visual, cos[..., :V, :], sin[..., :V, :])
+        mine = q @ k.repeat_interleave(c.n_heads // c.n_kv_heads, dim=1).transpose(-1, -2)
+        host = _host_text_to_visual_logits(dec, 2, visual, text)
+    assert torch.allclose(mine, host, atol=1e-5) == cross_rope
+    if cross_rope:  # the tables are required: a missing one is an error, not a silent no-RoPE run
+        with pytest.raises(ValueError, match="cross_rope"):
+            cross(text, visual)
+
+
 @pytest.mark.parametrize("field, kwargs", [
     ("preset", dict(preset="nope")),
     ("n_kv_heads", dict(n_heads=4, n_kv_heads=3)),

@@ -20,10 +20,10 @@ def one_thread():
 PROMPT_LENS = [5, 3, 7, 1]  # right-padded to 7
 
 
-def _model(tiny_decoder_config, plan, fastv=None, policy=False, seed=0):
+def _model(tiny_decoder_config, plan, fastv=None, policy=False, seed=0, cross_rope=False):
     torch.manual_seed(seed)
     m = VisorLVLM(VisionEncoder("test_byobnet", 2, 64), tiny_decoder_config, plan, pos_conv=True,
-                  token_reducer=fastv, policy_hidden=16 if policy else None).eval()
+                  token_reducer=fastv, policy_hidden=16 if policy else None, cross_rope=cross_rope).eval()
     with torch.no_grad():  # make every part matter: live cross gates, a non-uniform router, large weights so
         # that the image, the context and the budget all change the tokens (at the default init they barely do)
         for cross in m.decoder.cross.values():
@@ -92,6 +92,21 @@ def test_cached_greedy_equals_uncached(tiny_decoder_config, name, fastv):
     assert out.tokens.tolist() == _uncached_greedy(m, images, ids, lens, budgets)
     assert out.budgets.tolist() == budgets.tolist()
     assert out.cache.visual_bytes() == visual_kv_bytes(m, budgets)
+
+
+@pytest.mark.parametrize("fastv", [False, True])
+def test_cached_greedy_equals_uncached_with_cross_rope(tiny_decoder_config, fastv):
+    """cross_rope: the cached visual keys are rotated once at prefill, each new query at its own
+    position; mixed budgets with skip kind cross, and fastv ranking through a cross sublayer."""
+    c = tiny_decoder_config
+    plan = LayerPlan(c.n_layers, **PLANS["optional_cross"])
+    m = _model(c, plan, FastVReducer(layer=2, drop_ratio=0.5) if fastv else None, cross_rope=True)
+    images, ids, lens = _prompts(c.vocab_size)
+    budgets = torch.arange(B) % plan.n_budgets
+    out = generate(m, images, ids, lens, MAX_NEW, budget=budgets)
+    assert out.tokens.tolist() == _uncached_greedy(m, images, ids, lens, budgets)
+    plain = _model(c, plan, FastVReducer(layer=2, drop_ratio=0.5) if fastv else None)  # same weights, no RoPE
+    assert not torch.equal(m(images, ids, budget=budgets), plain(images, ids, budget=budgets))
 
 
 def test_padded_batch_equals_each_sample_alone_and_tokens_vary(tiny_decoder_config):

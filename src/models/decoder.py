@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from src.models.cross_attention import CrossAttention
 from src.models.norm import RMSNorm
 from src.models.plan import LayerPlan
+from src.models.rope import apply_rope, rope_cos_sin  # noqa: F401  (re-exported)
 from src.models.token_reduction import FastVReducer
 from src.ops.attention import causal_self_attention
 from src.ops.layer_skip import gather_rows, scatter_add_rows
@@ -91,26 +92,6 @@ class DecoderConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# RoPE
-# ---------------------------------------------------------------------------------------------
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """positions (..., S) -> cos, sin (..., S, hd), half-split layout (as HF Llama/Qwen2)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (..., S, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (S, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, S, hd), cos/sin (S, hd) or per sample (B or 1, 1, S, hd) -> (B, H, S, hd)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-# ---------------------------------------------------------------------------------------------
 # The ordinary decoder layer
 # ---------------------------------------------------------------------------------------------
 
@@ -166,10 +147,11 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """`fastv`: an in-LLM token drop (FastVReducer) run before layer `fastv.layer`."""
+    """`fastv`: an in-LLM token drop (FastVReducer) run before layer `fastv.layer`; `cross_rope`:
+    the cross sublayers rotate queries and keys at their original positions (see CrossAttention)."""
 
     def __init__(self, config: DecoderConfig, plan: LayerPlan, cross_init: str = "host",
-                 fastv: Optional[FastVReducer] = None) -> None:
+                 fastv: Optional[FastVReducer] = None, cross_rope: bool = False) -> None:
         super().__init__()
         if plan.n_layers != config.n_layers:
             raise ValueError(f"plan.n_layers={plan.n_layers} differs from decoder.n_layers={config.n_layers}")
@@ -183,14 +165,15 @@ class Decoder(nn.Module):
             if prev == "text" or (K - 1 in plan.optional_self and plan.skip_kind == "text"):
                 raise ValueError(f"token_reducer.layer={K}: layer {K - 1} must read the visual tokens (self or cross "
                                  f"in every budget) to rank them, it is {prev!r} (skip kind {plan.skip_kind!r})")
-        self.config, self.plan, self.fastv = config, plan, fastv
+        self.config, self.plan, self.fastv, self.cross_rope = config, plan, fastv, cross_rope
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_layers))
         # Cross sublayers exist at `cross` layers (and at optional self layers whose skip kind is
         # `cross`); keyed by layer index.
         self.cross = nn.ModuleDict(
-            {str(i): CrossAttention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.qkv_bias, c.norm_eps)
+            {str(i): CrossAttention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.qkv_bias, c.norm_eps,
+                                    rope=cross_rope)
              for i in plan.cross_sublayers}
         )
         # (n_budgets, n_layers) bool: is layer i's optional self path on under budget k.
@@ -343,13 +326,13 @@ class Decoder(nn.Module):
         q_tok = text[rows, query_index].unsqueeze(1)  # (B, 1, d)
         G = c.n_heads // c.n_kv_heads
         scores = visual.new_zeros(B, V, dtype=torch.float32)
+        cos_q = cos.expand(B, -1, -1, -1)[rows, :, V + query_index].unsqueeze(2)  # (B, 1, 1, hd)
+        sin_q = sin.expand(B, -1, -1, -1)[rows, :, V + query_index].unsqueeze(2)
         if bool(self_on.any()):
             layer = self.layers[i]
             x = layer.input_norm(torch.cat([visual, text], dim=1))  # (B, S, d)
             q = layer.attn.q_proj(x[rows, V + query_index].unsqueeze(1)).view(B, 1, c.n_heads, c.head_dim).transpose(1, 2)
             k = layer.attn.k_proj(x).view(B, V + T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
-            cos_q = cos.expand(B, -1, -1, -1)[rows, :, V + query_index].unsqueeze(2)  # (B, 1, 1, hd)
-            sin_q = sin.expand(B, -1, -1, -1)[rows, :, V + query_index].unsqueeze(2)
             q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
             logits = q @ k.repeat_interleave(G, dim=1).transpose(-1, -2) / math.sqrt(c.head_dim)  # (B, H, 1, S)
             future = torch.arange(V + T, device=text.device) > (V + query_index)[:, None]  # (B, S) causal
@@ -357,8 +340,8 @@ class Decoder(nn.Module):
             scores = torch.where(self_on[:, None], probs[:, :, 0, :V].mean(1), scores)
         if not bool(self_on.all()):
             cross = self.cross[str(i)]
-            q = cross.q_proj(cross.norm_text(q_tok)).view(B, 1, c.n_heads, c.head_dim).transpose(1, 2)
-            k = cross.k_proj(cross.norm_visual(visual)).view(B, V, c.n_kv_heads, c.head_dim).transpose(1, 2)
+            q = cross.queries(q_tok, cos_q, sin_q)  # (B, H, 1, hd)
+            k, _ = cross.visual_kv(visual, cos[..., :V, :], sin[..., :V, :])  # (B, Hkv, V, hd)
             logits = q @ k.repeat_interleave(G, dim=1).transpose(-1, -2) / math.sqrt(c.head_dim)  # (B, H, 1, V)
             scores = torch.where(self_on[:, None], scores, logits.float().softmax(-1)[:, :, 0].mean(1))
         return scores
@@ -382,7 +365,8 @@ class Decoder(nn.Module):
             x = self.layers[i](torch.cat([visual, text], dim=1), cos, sin)  # (B, V+T, d)
             return x[:, :V], x[:, V:]
         if kind == "cross":
-            text = self.cross[str(i)](text, visual, visual_kv_lens)  # (B, T, d)
+            text = self.cross[str(i)](text, visual, visual_kv_lens, rope_text=(cos[..., V:, :], sin[..., V:, :]),
+                                      rope_visual=(cos[..., :V, :], sin[..., :V, :]))  # (B, T, d)
         return visual, self.layers[i](text, cos[..., V:, :], sin[..., V:, :])  # text keeps its positions in every kind
 
     def _gated_self(self, i: int, visual, text, on: torch.Tensor, cos, sin):

@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 
 from src.models.decoder import Decoder, apply_rope
-from src.ops.attention import cross_attention
 
 BudgetSpec = Union[None, int, torch.Tensor, str, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -155,13 +154,11 @@ def _ordinary(dec: Decoder, i: int, x: torch.Tensor, cos, sin, rc: RowCache, q_s
     return x + layer.mlp(layer.post_attn_norm(x))
 
 
-def _cross(dec: Decoder, i: int, text: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Layer i's cross sublayer over cached visual K/V: text (B_g, S, d), k/v (B_g, Hkv, V_i, hd) -> (B_g, S, d)."""
+def _cross(dec: Decoder, i: int, text: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos, sin) -> torch.Tensor:
+    """Layer i's cross sublayer over cached visual K/V: text (B_g, S, d), k/v (B_g, Hkv, V_i, hd),
+    cos/sin (B_g or 1, 1, S, hd) the text positions' RoPE tables (used with cross_rope) -> (B_g, S, d)."""
     cross = dec.cross[str(i)]
-    B, S, _ = text.shape
-    q = cross.q_proj(cross.norm_text(text)).view(B, S, cross.n_heads, cross.head_dim).transpose(1, 2)  # (B, H, S, hd)
-    y = cross_attention(q, k, v, None)  # (B, H, S, hd)
-    return text + torch.tanh(cross.gate) * cross.o_proj(y.transpose(1, 2).reshape(B, S, cross.n_heads * cross.head_dim))
+    return cross.attend(text, cross.queries(text, cos, sin), k, v)
 
 
 def _new_cache(dec: Decoder, kind: str, rows, B: int, n_visual: int, capacity: int, like: torch.Tensor) -> RowCache:
@@ -180,12 +177,8 @@ def _prefill_layer(dec: Decoder, i: int, kind: str, rc: RowCache, visual: torch.
         x = _ordinary(dec, i, torch.cat([visual, text], dim=1), cos, sin, rc, None)  # (B_g, V+P, d)
         return x[:, :V], x[:, V:]
     if kind == "cross":
-        cross = dec.cross[str(i)]
-        hv = cross.norm_visual(visual)
-        shape = (visual.shape[0], V, cross.n_kv_heads, cross.head_dim)
-        rc.cross_k = cross.k_proj(hv).view(shape).transpose(1, 2)  # (B_g, Hkv, V, hd)
-        rc.cross_v = cross.v_proj(hv).view(shape).transpose(1, 2)
-        text = _cross(dec, i, text, rc.cross_k, rc.cross_v)
+        rc.cross_k, rc.cross_v = dec.cross[str(i)].visual_kv(visual, cos[..., :V, :], sin[..., :V, :])  # (B_g, Hkv, V, hd)
+        text = _cross(dec, i, text, rc.cross_k, rc.cross_v, cos[..., V:, :], sin[..., V:, :])
     return visual, _ordinary(dec, i, text, cos[..., V:, :], sin[..., V:, :], rc, None)
 
 
@@ -193,7 +186,7 @@ def _decode_layer(dec: Decoder, i: int, rc: RowCache, x: torch.Tensor, cos, sin,
     """Layer i for one new text token per sample of a group: x (B_g, 1, d), cos/sin (B_g, 1, 1, hd),
     slots (B_g,) its text slot -> (B_g, 1, d)."""
     if rc.kind == "cross":
-        x = _cross(dec, i, x, rc.cross_k, rc.cross_v)
+        x = _cross(dec, i, x, rc.cross_k, rc.cross_v, cos, sin)
     return _ordinary(dec, i, x, cos, sin, rc, slots + rc.n_visual)
 
 

@@ -22,7 +22,9 @@ class VisorLVLM(nn.Module):
     `num_tokens`, `image_size`; images (B, 3, S, S) in [0, 1] -> tokens (B, V, out_dim)), such as
     the SigLIP tower of src/models/siglip.py. `image_newline`: LLaVA-OneVision's learned token
     appended after each image's visual tokens (after any token reduction), at the position right
-    after the image grid; the text follows it.
+    after the image grid; the text follows it. `cross_rope`: the cross sublayers rotate text
+    queries and visual keys at their original positions (default off, as DESIGN.md; see
+    src/models/cross_attention.py).
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class VisorLVLM(nn.Module):
         cross_init: str = "host",
         policy_hidden: Optional[int] = None,
         image_newline: bool = False,
+        cross_rope: bool = False,
     ) -> None:
         super().__init__()
         for attr in ("out_dim", "grid", "num_tokens", "image_size"):
@@ -49,7 +52,7 @@ class VisorLVLM(nn.Module):
         if token_reducer is not None:
             self.position_grid = token_reducer.output_grid(vision.grid)
         fastv = token_reducer if token_reducer is not None and token_reducer.in_llm else None
-        self.decoder = Decoder(decoder, plan, cross_init, fastv)
+        self.decoder = Decoder(decoder, plan, cross_init, fastv, cross_rope)
         # The budget router (policy stage): before the first optional self layer.
         self.policy = BudgetPolicy(decoder.d_model, plan.n_budgets, policy_hidden) if policy_hidden else None
         self.image_newline = nn.Parameter(torch.zeros(decoder.d_model)) if image_newline else None
