@@ -116,6 +116,10 @@ def test_universal_then_policy_stage_from_the_cli(workdir, base_export):
     assert all(f"val/acc@budget={k}" in metrics and f"val/gflops@budget={k}" in metrics for k in range(3))
     assert float(metrics["val/gflops@budget=0"]) < float(metrics["val/gflops@budget=1"]) < float(
         metrics["val/gflops@budget=2"])
+    # per task and budget too; the largest budget is the model's own validation
+    tasks = [k[len("val/acc/"):-len("@budget=2")] for k in metrics if k.startswith("val/acc/") and k.endswith("@budget=2")]
+    assert {"easy", "hard", "count", "read"} <= set(tasks), tasks
+    assert all(float(metrics[f"val/acc/{t}@budget=2"]) == float(metrics[f"val/acc/{t}"]) for t in tasks)
     export = workdir / "outputs/universal/export"
     assert (export / "model.safetensors").exists()
     for mode in ("reinforce", "pseudo_label"):

@@ -3,8 +3,9 @@
 Universal training (one set of weights for every budget of the plan): `budget_sampling: uniform`
 trains one random feasible budget per step (the paper), `sandwich` the largest, the smallest and
 one random budget per step with the losses summed (slimmable networks). Validation then evaluates
-every budget: accuracy per difficulty and GFLOPs per budget, logged as `val/acc@budget=<k>` and as
-an accuracy-vs-GFLOPs chart and table in TensorBoard.
+every budget: accuracy per difficulty and per task and GFLOPs per budget, logged as
+`val/acc@budget=<k>`, `val/acc/<difficulty or task>@budget=<k>` and as an accuracy-vs-GFLOPs
+chart and table in TensorBoard.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ class VisorLitModule(L.LightningModule):
         self.val_difficulty_acc = GroupedAccuracy(["easy", "hard"])
         self.val_budgets = list(range(n_budgets)) if n_budgets > 1 else []  # evaluated besides the largest
         self.val_budget_acc = torch.nn.ModuleList(GroupedAccuracy(["easy", "hard"]) for _ in self.val_budgets)
+        self.val_budget_task_acc = torch.nn.ModuleList(GroupedAccuracy(self.tasks) for _ in self.val_budgets)
         self._val_budget_flops: List[List[float]] = [[] for _ in self.val_budgets]
         self.skipped = {"train": Counter(), "val": Counter()}
         self._step_times: List[float] = []
@@ -208,10 +210,12 @@ class VisorLitModule(L.LightningModule):
         self._val_flops += flops
         for j, k in enumerate(self.val_budgets):  # every budget of a universal model
             if k == self.lvlm.plan.largest_budget:
-                self.val_budget_acc[j].update(correct, batch["difficulty"])
+                correct_k = correct
             else:
                 _, logits_k = self._loss(batch, k)
-                self.val_budget_acc[j].update(exact_match(logits_k, batch["labels"]), batch["difficulty"])
+                correct_k = exact_match(logits_k, batch["labels"])
+            self.val_budget_acc[j].update(correct_k, batch["difficulty"])
+            self.val_budget_task_acc[j].update(correct_k, batch["task"])
             self._val_budget_flops[j] += [sample_flops(self.lvlm, t, k).llm / 1e9 for t in lengths]
 
     def on_validation_epoch_end(self) -> None:
@@ -238,12 +242,14 @@ class VisorLitModule(L.LightningModule):
         plan, rows = self.lvlm.plan, []
         for j, k in enumerate(self.val_budgets):
             acc = {g: float(v) for g, v in self.val_budget_acc[j].compute().items()}
+            tasks = {t: float(v) for t, v in self.val_budget_task_acc[j].compute().items() if t != "all"}
             gflops = sum(self._val_budget_flops[j]) / max(1, len(self._val_budget_flops[j]))
             self.val_budget_acc[j].reset()
+            self.val_budget_task_acc[j].reset()
             self._val_budget_flops[j] = []
             self.log(f"val/acc@budget={k}", acc["all"])
-            for g in ("easy", "hard"):
-                self.log(f"val/acc/{g}@budget={k}", acc[g])
+            for g, value in {"easy": acc["easy"], "hard": acc["hard"], **tasks}.items():
+                self.log(f"val/acc/{g}@budget={k}", value)
             self.log(f"val/gflops@budget={k}", gflops)
             rows.append((k, plan.budget_name(k), gflops, acc))
         experiment = getattr(self.logger, "experiment", None)
