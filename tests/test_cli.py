@@ -122,6 +122,8 @@ def test_universal_then_policy_stage_from_the_cli(workdir, base_export):
     assert all(float(metrics[f"val/acc/{t}@budget=2"]) == float(metrics[f"val/acc/{t}"]) for t in tasks)
     export = workdir / "outputs/universal/export"
     assert (export / "model.safetensors").exists()
+    from safetensors.torch import load_file
+    exported = load_file(str(export / "model.safetensors"))
     for mode in ("reinforce", "pseudo_label"):
         policy_cli = main(["fit", "--config", str(ROOT / "configs/policy.yaml"),
                            "--model.init_args.universal_checkpoint", str(export), "--model.init_args.mode", mode,
@@ -131,6 +133,10 @@ def test_universal_then_policy_stage_from_the_cli(workdir, base_export):
         trainable = {n for n, p in module.lvlm.named_parameters() if p.requires_grad}
         assert trainable and all(n.startswith("policy.") for n in trainable)
         assert module.lvlm.policy.fc2.weight.abs().sum() > 0  # the router (zero-initialised) did train
+        # ... and nothing else moved: weights, and the encoder's batch-norm statistics, as exported
+        state = module.lvlm.state_dict()
+        assert all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in exported.items()), [
+            k for k, v in exported.items() if not torch.equal(state[k], v.to(state[k].dtype))]
         m = policy_cli.trainer.callback_metrics
         assert "val/acc/hard" in m and "val/gflops" in m and "val/budget_frac/hard/2" in m
 

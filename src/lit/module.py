@@ -27,6 +27,7 @@ from src.data.generator import TASKS
 from src.flops import SampleFlops, sample_flops
 from src.lit.batch import batch_logits
 from src.lit.checkpoint_io import load_base_checkpoint
+from src.lit.frozen import hold_eval
 from src.lit.predict import log_cache_report, prediction_rows, split_prompt
 from src.metrics import GroupedAccuracy, accuracy_logs, exact_match
 from src.models.generation import generate
@@ -125,7 +126,7 @@ class VisorLitModule(L.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.hparams.freeze_vision:
-            self.lvlm.vision.eval()  # frozen encoder: batch-norm statistics stay as trained
+            hold_eval(self.lvlm.vision)  # frozen encoder: batch-norm statistics stay as trained
         return self
 
     def setup(self, stage: str) -> None:
@@ -159,8 +160,8 @@ class VisorLitModule(L.LightningModule):
         return loss, logits
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        if self.hparams.freeze_vision and self.lvlm.vision.training:
-            self.lvlm.vision.eval()  # Lightning restores per-module modes after validation
+        if self.hparams.freeze_vision:
+            hold_eval(self.lvlm.vision)  # Lightning restores per-module modes after validation
         self._set_stage()
         self._t0 = time.perf_counter()
 

@@ -28,6 +28,7 @@ from src.data.generator import TASKS
 from src.flops import sample_flops
 from src.lit.batch import batch_logits, query_index
 from src.lit.checkpoint_io import load_base_checkpoint
+from src.lit.frozen import hold_eval
 from src.lit.predict import log_cache_report, prediction_rows, split_prompt
 from src.lit.policy_objectives import MovingAverageBaseline, pseudo_labels, reinforce_loss
 from src.metrics import GroupedAccuracy, accuracy_logs, exact_match
@@ -107,8 +108,11 @@ class PolicyLitModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.lvlm.eval()  # the LVLM is frozen: norm statistics fixed, no dropout
+        hold_eval(self.lvlm)  # the LVLM is frozen: norm statistics fixed, no dropout
         return self
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        hold_eval(self.lvlm)  # Lightning restores per-module modes after validation
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
