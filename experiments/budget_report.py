@@ -6,7 +6,8 @@ Rows (each a LightningCLI fit under outputs/budgets/<row>, resumable):
 - universal: configs/visor.yaml + configs/universal.yaml (one random budget per step), every
   budget evaluated;
 - fixed<k>: the same recipe trained only at budget k (model.budget_sampling: k);
-- policy_reinforce / policy_pseudo: configs/policy.yaml on the universal export.
+- policy_reinforce / policy_pseudo: configs/policy.yaml on the universal export;
+  policy_reinforce_cw<w>: REINFORCE with cost weight w instead of the config's 0.3.
 Writes experiments/results/budgets.{md,csv} and budgets.png (accuracy vs LLM GFLOPs: the
 universal curve, the fixed-budget points, the policies' operating points) and the budget
 histogram per difficulty of each policy.
@@ -29,6 +30,7 @@ GROUP = "budgets"
 N_BUDGETS = 3  # configs/universal.yaml: S C C T C C (= configs/visor.yaml), S C S T C C, S C S T S C
 UNIVERSAL = ["--config", "configs/visor.yaml", "--config", "configs/universal.yaml"]
 EXPORT = "outputs/universal/export"  # configs/universal.yaml's ExportCheckpoint
+COST_WEIGHTS = (0.1, 0.03)
 
 
 def rows() -> dict:
@@ -40,7 +42,13 @@ def rows() -> dict:
     for mode, name in (("reinforce", "policy_reinforce"), ("pseudo_label", "policy_pseudo")):
         out[name] = ["--config", "configs/policy.yaml", "--model.init_args.universal_checkpoint", EXPORT,
                      "--model.init_args.mode", mode]
+    for cost_weight in COST_WEIGHTS:  # REINFORCE with a cheaper price on FLOPs (configs/policy.yaml: 0.3)
+        out[f"policy_reinforce_cw{cost_weight}"] = out["policy_reinforce"] + ["--model.init_args.cost_weight",
+                                                                             str(cost_weight)]
     return out
+
+
+TASK_COLUMNS = ["spatial", "read", "count"]  # the tasks the budgets change (background and large: ~100 everywhere)
 
 
 def _fractions(values) -> str:
@@ -61,17 +69,19 @@ def collect(names) -> list:
             for k in budgets:
                 records.append({"row": name, "budget": k, "acc": s.get(f"val/acc@budget={k}"),
                                 "easy": s.get(f"val/acc/easy@budget={k}"), "hard": s.get(f"val/acc/hard@budget={k}"),
-                                "gflops": s.get(f"val/gflops@budget={k}")})
+                                "gflops": s.get(f"val/gflops@budget={k}"),
+                                **{t: s.get(f"val/acc/{t}@budget={k}") for t in TASK_COLUMNS}})
         else:
             rec = {"row": name, "budget": "policy", "acc": s.get("val/acc"), "easy": s.get("val/acc/easy"),
-                   "hard": s.get("val/acc/hard"), "gflops": s.get("val/gflops")}
+                   "hard": s.get("val/acc/hard"), "gflops": s.get("val/gflops"),
+                   **{t: s.get(f"val/acc/{t}") for t in TASK_COLUMNS}}
             for g in ("easy", "hard"):
                 rec[f"frac_{g}"] = _fractions([s.get(f"val/budget_frac/{g}/{k}") for k in range(N_BUDGETS)])
             records.append(rec)
     return records
 
 
-COLUMNS = ["row", "budget", "acc", "easy", "hard", "gflops", "frac_easy", "frac_hard", "base"]
+COLUMNS = ["row", "budget", "acc", "easy", "hard", *TASK_COLUMNS, "gflops", "frac_easy", "frac_hard", "base"]
 
 
 def write(records: list, out_dir: Path, base: str) -> str:
@@ -80,15 +90,16 @@ def write(records: list, out_dir: Path, base: str) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     records = merge_committed(records, out_dir / "budgets.csv", ["row", "budget"], base, list(rows()))
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    lines = ["| row | budget | acc | easy | hard | LLM GFLOPs | budgets chosen (easy) | budgets chosen (hard) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | budget | acc | easy | hard | spatial | read | count | LLM GFLOPs | budgets chosen (easy) | "
+             "budgets chosen (hard) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     with open(out_dir / "budgets.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for r in records:
             g = "-" if r["gflops"] is None else f"{r['gflops']:.3f}"
+            tasks = " | ".join(pct(r.get(t)) for t in TASK_COLUMNS)
             lines.append(f"| {r['row']} | {r['budget']} | {pct(r['acc'])} | {pct(r['easy'])} | {pct(r['hard'])} | "
-                         f"{g} | {r.get('frac_easy') or ''} | {r.get('frac_hard') or ''} |")
+                         f"{tasks} | {g} | {r.get('frac_easy') or ''} | {r.get('frac_hard') or ''} |")
             w.writerow([r.get(c) for c in COLUMNS])
     curve = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"] == "universal" and r["acc"] is not None]
     fixed = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"].startswith("fixed") and r["acc"] is not None]

@@ -40,6 +40,7 @@ FITS: Dict[str, tuple] = {
     "full": ("full (every layer self)", FULL),
     "visor": ("VISOR S C C T C C", VISOR),
     "visor_c135": ("VISOR S C T C T C", VISOR + ["--model.lvlm.init_args.plan.cross_layers", "[1, 3, 5]"]),
+    "visor_crossrope": ("VISOR S C C T C C, RoPE in cross", VISOR + ["--model.lvlm.init_args.cross_rope", "true"]),
     "full_pool2": ("pool 2x2", FULL + _delta("pool2")),
     "full_pool4": ("pool 4x4", FULL + _delta("pool4")),
     "full_visionzip25": ("VisionZip-style 25%", FULL + _delta("visionzip25")),
@@ -82,7 +83,8 @@ def collect() -> List[dict]:
         for k in range(N_BUDGETS):
             records.append(dict(row=f"universal@{k}", what=f"VISOR universal, budget {k}",
                                 easy=v.get(f"val/acc/easy@budget={k}"), hard=v.get(f"val/acc/hard@budget={k}"),
-                                llm_gflops=v.get(f"val/gflops@budget={k}")))
+                                llm_gflops=v.get(f"val/gflops@budget={k}"), read=v.get(f"val/acc/read@budget={k}"),
+                                count=v.get(f"val/acc/count@budget={k}")))
     policy = run_logdir("budgets", "policy_reinforce")
     if (policy / "DONE").exists():
         v = _values(policy)
