@@ -276,7 +276,7 @@ def test_cli_predict_writes_jsonl(tmp_path, monkeypatch):
 def test_cli_predict_policy_stage(tmp_path, monkeypatch):
     from src.cli import main
     monkeypatch.chdir(tmp_path)
-    plan = LayerPlan(6, self_layers=[0, 2, 4], optional_self=[2, 4], cross_layers=[1, 3, 5], skip_kind="text")
+    plan = LayerPlan(6, self_layers=[0, 2, 4], optional_self=[2, 4], cross_layers=[1, 5], skip_kind="cross")  # as the config
     export = _export(tmp_path, plan, pos_conv=True)
     out = tmp_path / "policy.jsonl"
     cli = main(["predict", "--config", str(ROOT / "configs/policy.yaml"), "--model.init_args.universal_checkpoint",
@@ -284,4 +284,4 @@ def test_cli_predict_policy_stage(tmp_path, monkeypatch):
                 "--model.init_args.lvlm.init_args.vision.init_args.image_size", "64", "--model.init_args.inference",
                 "min", "--model.init_args.max_new_tokens", "2", "--predict_writer.output_path", str(out), *SMALL_DATA])
     rows = _read_jsonl(out, cli)
-    assert all(r["budget"] == 0 and r["budget_layers"] == "SCTCTC" for r in rows)  # inference: min
+    assert all(r["budget"] == 0 and r["budget_layers"] == "SCCTCC" for r in rows)  # inference: min

@@ -60,11 +60,20 @@ class CrossAttention(nn.Module):
                   sin: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """visual (B, V, d) -> k, v (B, Hkv, V, hd) each; cos/sin (B or 1, 1, V, hd): the visual
         positions' RoPE tables, required with `rope` and ignored without."""
-        B, V, _ = visual.shape
         hv = self.norm_visual(visual)
-        k = self.k_proj(hv).view(B, V, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hv).view(B, V, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return self._rotate(k, cos, sin), v
+        return self._keys(hv, cos, sin), self._kv_heads(self.v_proj(hv))
+
+    def visual_keys(self, visual: torch.Tensor, cos: Optional[torch.Tensor] = None,
+                    sin: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The keys alone (what FastV-style ranking needs): visual (B, V, d) -> k (B, Hkv, V, hd)."""
+        return self._keys(self.norm_visual(visual), cos, sin)
+
+    def _keys(self, hv: torch.Tensor, cos, sin) -> torch.Tensor:
+        return self._rotate(self._kv_heads(self.k_proj(hv)), cos, sin)
+
+    def _kv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, V, Hkv * hd) -> (B, Hkv, V, hd)."""
+        return x.view(x.shape[0], x.shape[1], self.n_kv_heads, self.head_dim).transpose(1, 2)
 
     def attend(self, text: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -341,7 +341,7 @@ class Decoder(nn.Module):
         if not bool(self_on.all()):
             cross = self.cross[str(i)]
             q = cross.queries(q_tok, cos_q, sin_q)  # (B, H, 1, hd)
-            k, _ = cross.visual_kv(visual, cos[..., :V, :], sin[..., :V, :])  # (B, Hkv, V, hd)
+            k = cross.visual_keys(visual, cos[..., :V, :], sin[..., :V, :])  # (B, Hkv, V, hd)
             logits = q @ k.repeat_interleave(G, dim=1).transpose(-1, -2) / math.sqrt(c.head_dim)  # (B, H, 1, V)
             scores = torch.where(self_on[:, None], scores, logits.float().softmax(-1)[:, :, 0].mean(1))
         return scores
