@@ -77,11 +77,15 @@ def collect() -> List[dict]:
                 records.append(dict(row=name, what=what, seed=seed, easy=v.get("val/acc/easy"),
                                     hard=v.get("val/acc/hard"), llm_gflops=v.get("val/gflops"),
                                     read=v.get("val/acc/read"), count=v.get("val/acc/count")))
-    universal = run_logdir("budgets", "universal")
-    if (universal / "DONE").exists():
-        v = _values(universal)
-        for k in range(N_BUDGETS):
-            records.append(dict(row=f"universal@{k}", what=f"VISOR universal, budget {k}",
+    # experiments/budget_report.py's fits: the universal model at every budget, models trained at one
+    for fit, budgets, what in [("universal", range(N_BUDGETS), "VISOR universal, budget {k}")] + [
+            (f"fixed{k}", [k], "VISOR trained at budget {k} only") for k in range(N_BUDGETS)]:
+        logdir = run_logdir("budgets", fit)
+        if not (logdir / "DONE").exists():
+            continue
+        v = _values(logdir)
+        for k in budgets:
+            records.append(dict(row=f"{fit.rstrip('0123456789')}@{k}", what=what.format(k=k),
                                 easy=v.get(f"val/acc/easy@budget={k}"), hard=v.get(f"val/acc/hard@budget={k}"),
                                 llm_gflops=v.get(f"val/gflops@budget={k}"), read=v.get(f"val/acc/read@budget={k}"),
                                 count=v.get(f"val/acc/count@budget={k}")))
@@ -94,7 +98,8 @@ def collect() -> List[dict]:
     return [dict(r, seed=r.get("seed", 0)) for r in records if None not in (r["easy"], r["hard"], r["llm_gflops"])]
 
 
-ROW_ORDER = list(FITS) + [f"universal@{k}" for k in range(N_BUDGETS)] + ["policy_reinforce"]
+ROW_ORDER = (list(FITS) + [f"{fit}@{k}" for fit in ("universal", "fixed") for k in range(N_BUDGETS)]
+             + ["policy_reinforce"])
 COLUMNS = ["row", "what", "seed", "easy", "hard", "read", "count", "llm_gflops", "savings", "base"]
 
 
