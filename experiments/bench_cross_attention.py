@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.models.decoder import DecoderConfig, DecoderLayer, rope_cos_sin  # noqa: E402
+from src.models.decoder import DecoderConfig, DecoderLayer  # noqa: E402
+from src.models.rope import rope_cos_sin  # noqa: E402
 from src.ops.extension import extension_available  # noqa: E402
 from src.ops.layer_skip import gather_rows, scatter_add_rows  # noqa: E402
 

@@ -78,14 +78,14 @@ def collect() -> List[dict]:
                                     hard=v.get("val/acc/hard"), llm_gflops=v.get("val/gflops"),
                                     read=v.get("val/acc/read"), count=v.get("val/acc/count")))
     # experiments/budget_report.py's fits: the universal model at every budget, models trained at one
-    for fit, budgets, what in [("universal", range(N_BUDGETS), "VISOR universal, budget {k}")] + [
-            (f"fixed{k}", [k], "VISOR trained at budget {k} only") for k in range(N_BUDGETS)]:
+    for fit, row, budgets, what in [("universal", "universal", range(N_BUDGETS), "VISOR universal, budget {k}")] + [
+            (f"fixed{k}", "fixed", [k], "VISOR trained at budget {k} only") for k in range(N_BUDGETS)]:
         logdir = run_logdir("budgets", fit)
         if not (logdir / "DONE").exists():
             continue
         v = _values(logdir)
         for k in budgets:
-            records.append(dict(row=f"{fit.rstrip('0123456789')}@{k}", what=what.format(k=k),
+            records.append(dict(row=f"{row}@{k}", what=what.format(k=k),
                                 easy=v.get(f"val/acc/easy@budget={k}"), hard=v.get(f"val/acc/hard@budget={k}"),
                                 llm_gflops=v.get(f"val/gflops@budget={k}"), read=v.get(f"val/acc/read@budget={k}"),
                                 count=v.get(f"val/acc/count@budget={k}")))

@@ -68,7 +68,7 @@ def test_cross_init_copies_host_attention(tiny_decoder_config):
 def _host_text_to_visual_logits(dec, i, visual, text):
     """Host layer i's self-attention logits of the text queries over the visual keys (B, H, T, V),
     in the original LVLM: [visual; text] at positions 0..V+T-1, RoPE on q and k."""
-    from src.models.decoder import apply_rope
+    from src.models.rope import apply_rope
     B, V, _ = visual.shape
     T = text.shape[1]
     attn = dec.layers[i].attn

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from src.flops import cross_sublayer_flops, layer_flops, measured_flops, sample_flops
-from src.models.decoder import Decoder, rope_cos_sin
+from src.models.decoder import Decoder
+from src.models.rope import rope_cos_sin
 from src.models.lvlm import VisorLVLM
 from src.models.plan import LayerPlan
 from src.models.vision import VisionEncoder

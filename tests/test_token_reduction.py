@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from src.flops import measured_flops, sample_flops
 from src.models import (AvgPoolReducer, FastVReducer, LayerPlan, RandomReducer, VisionEncoder, VisionZipReducer,
                         VisorLVLM)
-from src.models.decoder import apply_rope, rope_cos_sin
+from src.models.rope import apply_rope, rope_cos_sin
 
 
 def _close(a, b, tol=0.05):

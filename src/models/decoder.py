@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from src.models.cross_attention import CrossAttention
 from src.models.norm import RMSNorm
 from src.models.plan import LayerPlan
-from src.models.rope import apply_rope, rope_cos_sin  # noqa: F401  (re-exported)
+from src.models.rope import apply_rope, rope_cos_sin
 from src.models.token_reduction import FastVReducer
 from src.ops.attention import causal_self_attention
 from src.ops.layer_skip import gather_rows, scatter_add_rows
@@ -165,7 +165,7 @@ class Decoder(nn.Module):
             if prev == "text" or (K - 1 in plan.optional_self and plan.skip_kind == "text"):
                 raise ValueError(f"token_reducer.layer={K}: layer {K - 1} must read the visual tokens (self or cross "
                                  f"in every budget) to rank them, it is {prev!r} (skip kind {plan.skip_kind!r})")
-        self.config, self.plan, self.fastv, self.cross_rope = config, plan, fastv, cross_rope
+        self.config, self.plan, self.fastv = config, plan, fastv
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.n_layers))

@@ -39,7 +39,8 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from src.models.decoder import Decoder, apply_rope
+from src.models.decoder import Decoder
+from src.models.rope import apply_rope
 
 BudgetSpec = Union[None, int, torch.Tensor, str, Callable[[torch.Tensor], torch.Tensor]]
 
