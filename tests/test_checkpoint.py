@@ -24,7 +24,7 @@ def test_base_to_visor_conversion_loads_every_tensor(tmp_path, tiny_decoder_conf
                if v.is_floating_point())
     visor = _model(tiny_decoder_config, LayerPlan(4, self_layers=[0], cross_layers=[1, 3]), pos_conv=True)
     report = load_base_checkpoint(visor, out)
-    assert set(report["new"]) == set(visor.new_parameter_names())
+    assert set(report["new"]) == set(visor.new_tensor_names())
     assert any(n.startswith("pos_conv.") for n in report["new"]) and any(".cross." in n for n in report["new"])
     base_half = base.decoder.layers[1].attn.q_proj.weight.half().float()
     assert torch.equal(visor.decoder.layers[1].attn.q_proj.weight, base_half)

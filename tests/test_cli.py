@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from src.cli import main
+from src.data.generator import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ["--data.train_images", "40", "--data.val_images", "8", "--data.images_per_shard", "20",
@@ -133,12 +134,14 @@ def test_universal_then_policy_stage_from_the_cli(workdir, base_export):
         trainable = {n for n, p in module.lvlm.named_parameters() if p.requires_grad}
         assert trainable and all(n.startswith("policy.") for n in trainable)
         assert module.lvlm.policy.fc2.weight.abs().sum() > 0  # the router (zero-initialised) did train
+        assert module.lvlm.policy.norm.num_batches_tracked == 2  # in train mode: its feature statistics updated
         # ... and nothing else moved: weights, and the encoder's batch-norm statistics, as exported
         state = module.lvlm.state_dict()
         assert all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in exported.items()), [
             k for k, v in exported.items() if not torch.equal(state[k], v.to(state[k].dtype))]
         m = policy_cli.trainer.callback_metrics
         assert "val/acc/hard" in m and "val/gflops" in m and "val/budget_frac/hard/2" in m
+        assert any(k.startswith(f"val/budget_frac/{t}/") for t in TASKS for k in m)  # per task too
 
 
 def test_policy_stage_needs_the_universal_export(workdir):

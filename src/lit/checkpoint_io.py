@@ -89,7 +89,7 @@ def load_base_checkpoint(model: VisorLVLM, path: str | Path,
     base = load_file(str(path))
     target = model.state_dict()
     alias = _tied_alias(model)
-    allowed = model.new_parameter_names() if may_lack is None else may_lack
+    allowed = model.new_tensor_names() if may_lack is None else may_lack
     model_keys = {k for k in target if k != alias}
     missing, unexpected, misshaped = state_differences({k: target[k] for k in model_keys}, base, allowed)
     if missing or unexpected or misshaped:

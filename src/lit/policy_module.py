@@ -92,7 +92,7 @@ class PolicyLitModule(L.LightningModule):
                                     "configs/visor.yaml + configs/universal.yaml (its export is the checkpoint)")
         self.save_hyperparameters(ignore=["lvlm"])
         self.lvlm = lvlm
-        router = [n for n, _ in lvlm.named_parameters() if n.startswith("policy.")]
+        router = [n for n in lvlm.state_dict() if n.startswith("policy.")]  # weights and feature statistics
         load_base_checkpoint(lvlm, universal_checkpoint, may_lack=router)
         for n, p in lvlm.named_parameters():
             p.requires_grad_(n.startswith("policy."))
@@ -104,15 +104,22 @@ class PolicyLitModule(L.LightningModule):
         self.pad_id = 0
         self.tokenizer = None  # the datamodule's, from setup(); predict decodes with it
         self._predict_seen: Counter = Counter()
-        self._val: Dict[str, List] = {"budgets": [], "difficulty": [], "gflops": [], "entropy": [], "reward": []}
+        self._val: Dict[str, List] = {"budgets": [], "difficulty": [], "task": [], "gflops": [], "entropy": [],
+                                      "reward": []}
 
     def train(self, mode: bool = True):
         super().train(mode)
-        hold_eval(self.lvlm)  # the LVLM is frozen: norm statistics fixed, no dropout
+        self._hold_frozen_eval(mode)
         return self
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        hold_eval(self.lvlm)  # Lightning restores per-module modes after validation
+        self._hold_frozen_eval(True)  # Lightning restores per-module modes after validation
+
+    def _hold_frozen_eval(self, router_training: bool) -> None:
+        """The LVLM is frozen (norm statistics fixed, no dropout); the router alone follows the fit's
+        mode, so its feature standardisation learns its statistics from the training batches."""
+        hold_eval(self.lvlm)
+        self.lvlm.policy.train(router_training)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -207,6 +214,7 @@ class PolicyLitModule(L.LightningModule):
         v = self._val
         v["budgets"] += budgets.tolist()
         v["difficulty"] += list(batch["difficulty"])
+        v["task"] += list(batch["task"])
         v["gflops"] += (flops.gather(1, budgets[:, None]).squeeze(1) / 1e9).tolist()
         v["entropy"] += (-(logp.exp() * logp).sum(-1)).tolist()
         v["reward"] += reward.tolist()
@@ -222,11 +230,13 @@ class PolicyLitModule(L.LightningModule):
         self.log("val/reward", sum(v["reward"]) / n)
         budgets = torch.tensor(v["budgets"], dtype=torch.long)
         by_difficulty = {g: torch.tensor([d == g for d in v["difficulty"]], dtype=torch.bool) for g in ("easy", "hard")}
+        by_task = {t: torch.tensor([x == t for x in v["task"]], dtype=torch.bool) for t in self.tasks}
         for k in range(self.n_budgets):
             self.log(f"val/budget_frac/{k}", (budgets == k).float().mean() if len(budgets) else 0.0)
-            for g, sel in by_difficulty.items():
-                frac = (budgets[sel] == k).float().mean() if sel.any() else torch.tensor(0.0)
-                self.log(f"val/budget_frac/{g}/{k}", frac)
+            for g, sel in {**by_difficulty, **by_task}.items():  # per difficulty and per task
+                if sel.any() or g in by_difficulty:
+                    frac = (budgets[sel] == k).float().mean() if sel.any() else torch.tensor(0.0)
+                    self.log(f"val/budget_frac/{g}/{k}", frac)
         experiment = getattr(self.logger, "experiment", None)
         if len(budgets) and hasattr(experiment, "add_histogram") and not self.trainer.sanity_checking:
             experiment.add_histogram("val/budget", budgets, self.global_step, bins=self.n_budgets)

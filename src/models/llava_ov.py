@@ -197,7 +197,7 @@ def load_llava_ov_weights(model: VisorLVLM, ckpt: RenamedCheckpoint, settings: d
     known_unused = [k for k in names if any(k == u or (u.endswith(".") and k.startswith(u)) for u in unused)]
     known_unused += check_tied_head(ckpt, settings["tied"], "model.language_model.embed_tokens.weight", "lm_head.weight")
     aliases = {"decoder.lm_head.weight": "decoder.embed_tokens.weight"} if settings["tied"] else {}
-    loaded = apply_rules(model, ckpt, rules, known_unused=known_unused, may_lack=model.new_parameter_names(),
+    loaded = apply_rules(model, ckpt, rules, known_unused=known_unused, may_lack=model.new_tensor_names(),
                          aliases=aliases, what=f"{ckpt.folder} ({ckpt.note})")
     model.decoder.init_cross_from_host()
     return loaded

@@ -142,7 +142,8 @@ class VisorLVLM(nn.Module):
 
         return generate(self, images, input_ids, prompt_lens, max_new_tokens, **kwargs)
 
-    def new_parameter_names(self) -> List[str]:
-        """Parameters VISOR adds to a base LVLM: the cross sublayers, the positional conv, the router."""
+    def new_tensor_names(self) -> List[str]:
+        """State-dict tensors (parameters and buffers) VISOR adds to a base LVLM: the cross sublayers,
+        the positional conv, the router (with its feature statistics)."""
         prefixes = ["decoder." + p for p in self.decoder.new_parameter_prefixes()] + ["pos_conv.", "policy."]
-        return [n for n, _ in self.named_parameters() if any(n.startswith(p) for p in prefixes)]
+        return [n for n in self.state_dict() if any(n.startswith(p) for p in prefixes)]
