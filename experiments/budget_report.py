@@ -7,7 +7,8 @@ Rows (each a LightningCLI fit under outputs/budgets/<row>, resumable):
   budget evaluated;
 - fixed<k>: the same recipe trained only at budget k (model.budget_sampling: k);
 - policy_reinforce / policy_pseudo: configs/policy.yaml on the universal export;
-  policy_reinforce_cw<w>: REINFORCE with cost weight w instead of the config's 0.3.
+  policy_reinforce_cw<w>: REINFORCE with cost weight w instead of the config's 0.3;
+  policy_reinforce_cw0.1_greedy: the same at 0.1 with the greedy (self-critical) baseline.
 Writes experiments/results/budgets.{md,csv} and budgets.png (accuracy vs LLM GFLOPs: the
 universal curve, the fixed-budget points, the policies' operating points) and the budget
 histogram per difficulty of each policy.
@@ -45,10 +46,14 @@ def rows() -> dict:
     for cost_weight in COST_WEIGHTS:  # REINFORCE with a cheaper price on FLOPs (configs/policy.yaml: 0.3)
         out[f"policy_reinforce_cw{cost_weight}"] = out["policy_reinforce"] + ["--model.init_args.cost_weight",
                                                                              str(cost_weight)]
+    # the self-critical baseline (the reward of the router's own argmax budget) at the middle cost weight
+    out["policy_reinforce_cw0.1_greedy"] = out["policy_reinforce_cw0.1"] + ["--model.init_args.baseline", "greedy"]
     return out
 
 
 TASK_COLUMNS = ["spatial", "read", "count"]  # the tasks the budgets change (background and large: ~100 everywhere)
+FRACTION_GROUPS = ["easy", "hard", "spatial"]  # a policy's budget histogram: per difficulty, and for the task that
+#                                                 gains most from a larger budget
 
 
 def _fractions(values) -> str:
@@ -75,13 +80,37 @@ def collect(names) -> list:
             rec = {"row": name, "budget": "policy", "acc": s.get("val/acc"), "easy": s.get("val/acc/easy"),
                    "hard": s.get("val/acc/hard"), "gflops": s.get("val/gflops"),
                    **{t: s.get(f"val/acc/{t}") for t in TASK_COLUMNS}}
-            for g in ("easy", "hard"):
+            for g in FRACTION_GROUPS:
                 rec[f"frac_{g}"] = _fractions([s.get(f"val/budget_frac/{g}/{k}") for k in range(N_BUDGETS)])
             records.append(rec)
     return records
 
 
-COLUMNS = ["row", "budget", "acc", "easy", "hard", *TASK_COLUMNS, "gflops", "frac_easy", "frac_hard", "base"]
+COLUMNS = ["row", "budget", "acc", "easy", "hard", *TASK_COLUMNS, "gflops", *(f"frac_{g}" for g in FRACTION_GROUPS),
+           "vs_universal", "vs_fixed", "base"]
+
+
+def interpolate(points, x):
+    """Linear interpolation of the curve through `points` [(x, y), ...] at x; None outside its range."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[0][1] if len(pts) == 1 and abs(pts[0][0] - x) < 1e-9 else None
+
+
+def curve_gaps(records: list) -> None:
+    """Adds to each policy record its accuracy minus the accuracy, at its mean GFLOPs, of the curve
+    interpolated between the universal model's budgets (`vs_universal`: what the router's choices add
+    on the same weights) and between the models trained at one budget (`vs_fixed`: the issue's target)."""
+    curves = {"vs_universal": [(r["gflops"], r["acc"]) for r in records if r["row"] == "universal"],
+              "vs_fixed": [(r["gflops"], r["acc"]) for r in records if r["row"].startswith("fixed")]}
+    for r in records:
+        if not r["row"].startswith("policy") or r["acc"] is None or r["gflops"] is None:
+            continue
+        for column, curve in curves.items():
+            at = interpolate([p for p in curve if None not in p], r["gflops"]) if curve else None
+            r[column] = None if at is None else r["acc"] - at
 
 
 def write(records: list, out_dir: Path, base: str) -> str:
@@ -89,9 +118,12 @@ def write(records: list, out_dir: Path, base: str) -> str:
     of the same base that were not measured now (experiments/committed_rows.py)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     records = merge_committed(records, out_dir / "budgets.csv", ["row", "budget"], base, list(rows()))
+    curve_gaps(records)
+    gap = lambda v: "" if v is None else f"{100 * v:+.1f}"  # noqa: E731
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = ["| row | budget | acc | easy | hard | spatial | read | count | LLM GFLOPs | budgets chosen (easy) | "
-             "budgets chosen (hard) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "budgets chosen (hard) | budgets chosen (spatial) | acc vs universal curve | acc vs fixed curve |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     with open(out_dir / "budgets.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
@@ -99,7 +131,8 @@ def write(records: list, out_dir: Path, base: str) -> str:
             g = "-" if r["gflops"] is None else f"{r['gflops']:.3f}"
             tasks = " | ".join(pct(r.get(t)) for t in TASK_COLUMNS)
             lines.append(f"| {r['row']} | {r['budget']} | {pct(r['acc'])} | {pct(r['easy'])} | {pct(r['hard'])} | "
-                         f"{tasks} | {g} | {r.get('frac_easy') or ''} | {r.get('frac_hard') or ''} |")
+                         f"{tasks} | {g} | " + " | ".join(r.get(f"frac_{x}") or "" for x in FRACTION_GROUPS)
+                         + f" | {gap(r.get('vs_universal'))} | {gap(r.get('vs_fixed'))} |")
             w.writerow([r.get(c) for c in COLUMNS])
     curve = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"] == "universal" and r["acc"] is not None]
     fixed = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"].startswith("fixed") and r["acc"] is not None]
