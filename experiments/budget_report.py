@@ -8,7 +8,8 @@ Rows (each a LightningCLI fit under outputs/budgets/<row>, resumable):
 - fixed<k>: the same recipe trained only at budget k (model.budget_sampling: k);
 - policy_reinforce / policy_pseudo: configs/policy.yaml on the universal export;
   policy_reinforce_cw<w>: REINFORCE with cost weight w instead of the config's 0.3;
-  policy_reinforce_cw0.1_greedy: the same at 0.1 with the greedy (self-critical) baseline.
+  policy_reinforce_cw0.1_greedy: the same at 0.1 with the greedy (self-critical) baseline;
+  policy_pseudo_nll: pseudo-labels scored by minus the answer's NLL instead of exact match.
 Writes experiments/results/budgets.{md,csv} and budgets.png (accuracy vs LLM GFLOPs: the
 universal curve, the fixed-budget points, the policies' operating points) and the budget
 histogram per difficulty of each policy.
@@ -48,6 +49,8 @@ def rows() -> dict:
                                                                              str(cost_weight)]
     # the self-critical baseline (the reward of the router's own argmax budget) at the middle cost weight
     out["policy_reinforce_cw0.1_greedy"] = out["policy_reinforce_cw0.1"] + ["--model.init_args.baseline", "greedy"]
+    # pseudo-labels from each budget's answer NLL instead of its 0/1 exact match (fewer ties at budget 0)
+    out["policy_pseudo_nll"] = out["policy_pseudo"] + ["--model.init_args.reward", "nll"]
     return out
 
 
