@@ -4,7 +4,8 @@
 
 Rows (each a LightningCLI fit under outputs/budgets/<row>, resumable):
 - universal: configs/visor.yaml + configs/universal.yaml (one random budget per step), every
-  budget evaluated;
+  budget evaluated; universal_sandwich: largest + smallest + random budget per step, 300 steps
+  (the same forward/backward passes as universal's 900);
 - fixed<k>: the same recipe trained only at budget k (model.budget_sampling: k);
 - policy_reinforce / policy_pseudo: configs/policy.yaml on the universal export;
   policy_reinforce_cw<w>: REINFORCE with cost weight w instead of the config's 0.3;
@@ -41,6 +42,12 @@ def rows() -> dict:
         # trained at budget k only; its export must not replace the universal one
         out[f"fixed{k}"] = UNIVERSAL + ["--model.budget_sampling", str(k), "--trainer.callbacks.dirpath",
                                         f"outputs/{GROUP}/fixed{k}_export"]
+    # sandwich sampling at the same compute: 300 steps x 3 budgets = uniform's 900 steps x 1 budget
+    # (stage 1, warmup and validation scaled by 1/3)
+    out["universal_sandwich"] = UNIVERSAL + [
+        "--model.budget_sampling", "sandwich", "--trainer.max_steps", "300", "--model.new_params_only_steps", "67",
+        "--model.warmup_steps", "33", "--trainer.val_check_interval", "150",
+        "--trainer.callbacks.dirpath", f"outputs/{GROUP}/universal_sandwich_export"]
     for mode, name in (("reinforce", "policy_reinforce"), ("pseudo_label", "policy_pseudo")):
         out[name] = ["--config", "configs/policy.yaml", "--model.init_args.universal_checkpoint", EXPORT,
                      "--model.init_args.mode", mode]
@@ -72,8 +79,8 @@ def collect(names) -> list:
         if not logdir.exists():
             continue
         s = {k: v.value for k, v in latest_scalars(str(logdir)).items()}
-        if name == "universal" or name.startswith("fixed"):
-            budgets = range(N_BUDGETS) if name == "universal" else [int(name[len("fixed"):])]
+        if name.startswith(("universal", "fixed")):
+            budgets = range(N_BUDGETS) if name.startswith("universal") else [int(name[len("fixed"):])]
             for k in budgets:
                 records.append({"row": name, "budget": k, "acc": s.get(f"val/acc@budget={k}"),
                                 "easy": s.get(f"val/acc/easy@budget={k}"), "hard": s.get(f"val/acc/hard@budget={k}"),
@@ -138,11 +145,14 @@ def write(records: list, out_dir: Path, base: str) -> str:
                          + f" | {gap(r.get('vs_universal'))} | {gap(r.get('vs_fixed'))} |")
             w.writerow([r.get(c) for c in COLUMNS])
     curve = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"] == "universal" and r["acc"] is not None]
+    sandwich = [(r["gflops"], 100 * r["acc"]) for r in records
+                if r["row"] == "universal_sandwich" and r["acc"] is not None]
     fixed = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"].startswith("fixed") and r["acc"] is not None]
     points = {r["row"]: (r["gflops"], 100 * r["acc"]) for r in records
               if r["row"].startswith("policy") and r["acc"] is not None}
     if curve or fixed or points:
-        xy_chart({"universal (every budget)": curve, "trained at one budget": fixed}, points,
+        xy_chart({"universal (every budget)": curve, "universal, sandwich (same compute)": sandwich,
+                  "trained at one budget": fixed}, points,
                  title="accuracy vs LLM GFLOPs per sample", xlabel="LLM GFLOPs per sample",
                  ylabel="accuracy %").save(out_dir / "budgets.png")
     text = "\n".join(lines) + "\n"
