@@ -109,17 +109,23 @@ def interpolate(points, x):
     return pts[0][1] if len(pts) == 1 and abs(pts[0][0] - x) < 1e-9 else None
 
 
+def curve_points(records: list, match, scale: float = 1.0) -> list:
+    """[(gflops, scale x acc), ...] of the measured records whose row name satisfies `match`."""
+    return [(r["gflops"], scale * r["acc"]) for r in records
+            if match(r["row"]) and r["acc"] is not None and r["gflops"] is not None]
+
+
 def curve_gaps(records: list) -> None:
     """Adds to each policy record its accuracy minus the accuracy, at its mean GFLOPs, of the curve
     interpolated between the universal model's budgets (`vs_universal`: what the router's choices add
     on the same weights) and between the models trained at one budget (`vs_fixed`: the issue's target)."""
-    curves = {"vs_universal": [(r["gflops"], r["acc"]) for r in records if r["row"] == "universal"],
-              "vs_fixed": [(r["gflops"], r["acc"]) for r in records if r["row"].startswith("fixed")]}
+    curves = {"vs_universal": curve_points(records, lambda row: row == "universal"),
+              "vs_fixed": curve_points(records, lambda row: row.startswith("fixed"))}
     for r in records:
         if not r["row"].startswith("policy") or r["acc"] is None or r["gflops"] is None:
             continue
         for column, curve in curves.items():
-            at = interpolate([p for p in curve if None not in p], r["gflops"]) if curve else None
+            at = interpolate(curve, r["gflops"]) if curve else None
             r[column] = None if at is None else r["acc"] - at
 
 
@@ -144,10 +150,9 @@ def write(records: list, out_dir: Path, base: str) -> str:
                          f"{tasks} | {g} | " + " | ".join(r.get(f"frac_{x}") or "" for x in FRACTION_GROUPS)
                          + f" | {gap(r.get('vs_universal'))} | {gap(r.get('vs_fixed'))} |")
             w.writerow([r.get(c) for c in COLUMNS])
-    curve = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"] == "universal" and r["acc"] is not None]
-    sandwich = [(r["gflops"], 100 * r["acc"]) for r in records
-                if r["row"] == "universal_sandwich" and r["acc"] is not None]
-    fixed = [(r["gflops"], 100 * r["acc"]) for r in records if r["row"].startswith("fixed") and r["acc"] is not None]
+    curve = curve_points(records, lambda row: row == "universal", 100)
+    sandwich = curve_points(records, lambda row: row == "universal_sandwich", 100)
+    fixed = curve_points(records, lambda row: row.startswith("fixed"), 100)
     points = {r["row"]: (r["gflops"], 100 * r["acc"]) for r in records
               if r["row"].startswith("policy") and r["acc"] is not None}
     if curve or fixed or points:

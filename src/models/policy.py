@@ -51,12 +51,9 @@ class BudgetPolicy(nn.Module):
             m = text_mask.to(text.dtype).unsqueeze(-1)  # (B, T, 1)
             text_pool = (text * m).sum(1) / m.sum(1).clamp_min(1.0)
         x = torch.cat([text_pool, visual.mean(1)], dim=-1)  # (B, 2d)
-        n = self.norm  # batch statistics while training (a batch of one: the running ones), running ones otherwise
-        batch_stats = self.training and x.shape[0] > 1
-        x = nn.functional.batch_norm(x, n.running_mean, n.running_var, training=batch_stats, momentum=n.momentum,
-                                     eps=n.eps)
-        if batch_stats:
-            n.num_batches_tracked.add_(1)
+        n = self.norm  # batch statistics while training, running ones otherwise and for a training batch of one
+        x = n(x) if x.shape[0] > 1 or not self.training else nn.functional.batch_norm(
+            x, n.running_mean, n.running_var, training=False, eps=n.eps)
         return self.fc2(nn.functional.gelu(self.fc1(x)))  # (B, n_budgets)
 
 
