@@ -33,7 +33,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.data.dense_targets import covered_cells, token_cell  # noqa: E402
 from src.data.generator import MEDIUM_COLORS, GeneratorConfig, SceneGenerator, box_center, vocabulary  # noqa: E402
 from src.data.scene_stream import _image_tensor  # noqa: E402
 from src.data.tokenizer import WordTokenizer  # noqa: E402
@@ -72,21 +73,22 @@ def load_exported_base(path: str | Path) -> Tuple[VisorLVLM, dict]:
     return model.eval(), manifest
 
 
+def _stride(grid: Tuple[int, int], image_size: int) -> Tuple[float, float]:
+    return image_size / grid[0], image_size / grid[1]
+
+
 def object_tokens(box, grid: Tuple[int, int], image_size: int) -> List[int]:
-    """Token indices (raster order) whose cell centre lies in `box`; the centre's token when none does."""
-    h, w = grid
-    sy, sx = image_size / h, image_size / w
-    x0, y0, x1, y1 = box
-    inside = [r * w + c for r in range(h) for c in range(w)
-              if x0 <= (c + 0.5) * sx < x1 and y0 <= (r + 0.5) * sy < y1]
+    """Token indices (raster order) whose cell centre lies in `box` (the encoder's `cover` targets);
+    the centre's token when none does."""
+    rows, cols = covered_cells(box, _stride(grid, image_size))
+    inside = [r * grid[1] + c for r in range(grid[0])[rows] for c in range(grid[1])[cols]]
     return inside or [center_token(box, grid, image_size)]
 
 
 def center_token(box, grid: Tuple[int, int], image_size: int) -> int:
     """The token (raster index) holding the centre of `box`."""
-    h, w = grid
-    x, y = box_center(box)
-    return min(int(y // (image_size / h)), h - 1) * w + min(int(x // (image_size / w)), w - 1)
+    r, c = token_cell(*box_center(box), _stride(grid, image_size), grid)
+    return r * grid[1] + c
 
 
 @torch.no_grad()
@@ -152,47 +154,47 @@ def probe(checkpoint: str, n_images: int, seed: int, batch: int = 25) -> dict:
     defaults = GeneratorConfig(image_size=model.vision.image_size)
     gen = SceneGenerator(seed, GeneratorConfig(image_size=data.get("image_size", defaults.image_size),
                                                text_len=data.get("text_len", defaults.text_len),
-                                               large_question=data.get("large_question", defaults.large_question)))
+                                               large_question=data.get("large_question", defaults.large_question)),
+                         aux_questions=True)  # + `locate`, asked about a then b
     grid, size = model.vision.grid, model.vision.image_size
-    third = size / 3
     colours = list(MEDIUM_COLORS)
     stats = {"spatial": 0, "spatial_right": 0, "spatial_axis": 0, "locate": 0, "locate_right": 0,
              "locate_other": 0}
     mass = None  # (L, H, 2): asked, other
     tokens, labels = [], []
-    scenes = []
+    scenes = []  # (image, the medium pair, {task: [(question, answer), ...]}) from the generator
     i = 0
     while len(scenes) < n_images:
-        image, scene, _ = gen.generate(i)
+        image, scene, qa = gen.generate(i)
         i += 1
         if scene["medium"] is not None:
-            scenes.append((_image_tensor(image), scene["medium"]))
+            asked = {t: [(q["question"], q["answer"]) for q in qa if q["task"] == t] for t in ("spatial", "locate")}
+            scenes.append((_image_tensor(image), scene["medium"], asked))
     for start in tqdm(range(0, n_images, batch), desc="binding probe", unit="batch"):
         chunk = scenes[start:start + batch]
-        images = torch.stack([img for img, _ in chunk])
-        pairs = [p for _, p in chunk]
+        images = torch.stack([img for img, _, _ in chunk])
+        pairs = [p for _, p, _ in chunk]
+        qas = [qa for _, _, qa in chunk]
         with torch.no_grad():
             visual, _ = model.encode_images(images)
         for j, p in enumerate(pairs):
             for obj in (p["a"], p["b"]):
                 tokens.append(visual[j, center_token(obj["box"], grid, size)])
                 labels.append(colours.index(obj["color"]))
-        name = lambda o: f"{o['color']} {o['shape']}"  # noqa: E731
-        cell = lambda o: (f"{('top', 'middle', 'bottom')[min(2, int(box_center(o['box'])[1] // third))]} "  # noqa: E731
-                          f"{('left', 'center', 'right')[min(2, int(box_center(o['box'])[0] // third))]}")
-        answers = _generate(model, tok, images, [f"where is the {name(p['a'])} relative to the {name(p['b'])} ?"
-                                                 for p in pairs])
-        for p, ans in zip(pairs, answers):
+        answers = _generate(model, tok, images, [qa["spatial"][0][0] for qa in qas])
+        for qa, ans in zip(qas, answers):
+            truth = qa["spatial"][0][1]
             stats["spatial"] += 1
-            stats["spatial_right"] += ans == p["relation"]
-            stats["spatial_axis"] += RELATION_AXIS.get(ans) == RELATION_AXIS[p["relation"]]
-        for asked, other in (("a", "b"), ("b", "a")):
-            questions = [f"where is the {name(p[asked])} ?" for p in pairs]
+            stats["spatial_right"] += ans == truth
+            stats["spatial_axis"] += RELATION_AXIS.get(ans) == RELATION_AXIS[truth]
+        for k, (asked, other) in enumerate((("a", "b"), ("b", "a"))):
+            questions = [qa["locate"][k][0] for qa in qas]
             answers = _generate(model, tok, images, questions)
-            for p, ans in zip(pairs, answers):
+            for qa, ans in zip(qas, answers):
+                cell, other_cell = qa["locate"][k][1], qa["locate"][1 - k][1]
                 stats["locate"] += 1
-                stats["locate_right"] += ans == cell(p[asked])
-                stats["locate_other"] += ans != cell(p[asked]) and ans == cell(p[other])
+                stats["locate_right"] += ans == cell
+                stats["locate_other"] += ans != cell and ans == other_cell
             att = last_token_attention(model, images, torch.tensor([tok.prompt(q) for q in questions]))
             on = torch.stack([torch.stack([att[:, j, :, object_tokens(p[w]["box"], grid, size)].sum(-1)
                                            for w in (asked, other)], dim=-1) for j, p in enumerate(pairs)])

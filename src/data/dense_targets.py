@@ -35,10 +35,19 @@ GROUPS: Tuple[str, ...] = tuple(dict.fromkeys(name.split("/")[0] for name in CHA
 GROUP_CHANNELS: Dict[str, List[int]] = {g: [i for i, n in enumerate(CHANNELS) if n.split("/")[0] == g] for g in GROUPS}
 
 
-def _cell(x: float, y: float, stride: Tuple[float, float], grid: Tuple[int, int]) -> Tuple[int, int]:
+def token_cell(x: float, y: float, stride: Tuple[float, float], grid: Tuple[int, int]) -> Tuple[int, int]:
+    """The (row, col) of the token whose cell holds pixel (x, y)."""
     row = min(int(y // stride[0]), grid[0] - 1)
     col = min(int(x // stride[1]), grid[1] - 1)
     return row, col
+
+
+def covered_cells(box, stride: Tuple[float, float]) -> Tuple[slice, slice]:
+    """(row slice, column slice) of the tokens whose cell centre lies in `box` (x0, y0, x1, y1):
+    rows r with box[1] <= (r + 0.5) * sy < box[3], likewise columns (empty when none does)."""
+    r0, r1 = (max(0, math.ceil(box[k] / stride[0] - 0.5)) for k in (1, 3))
+    c0, c1 = (max(0, math.ceil(box[k] / stride[1] - 0.5)) for k in (0, 2))
+    return slice(r0, r1), slice(c0, c1)
 
 
 def dense_targets(scene: dict, grid: Tuple[int, int], image_size: int) -> torch.Tensor:
@@ -58,13 +67,10 @@ def dense_targets(scene: dict, grid: Tuple[int, int], image_size: int) -> torch.
     out = torch.zeros(len(CHANNELS), h, w)
 
     def mark(name: str, box) -> None:
-        out[(INDEX[name], *_cell(*box_center(box), stride, grid))] = 1.0
+        out[(INDEX[name], *token_cell(*box_center(box), stride, grid))] = 1.0
 
     def cover(name: str, box) -> None:
-        # rows r with box[1] <= (r + 0.5) * sy < box[3], likewise columns
-        r0, r1 = (max(0, math.ceil(box[k] / stride[0] - 0.5)) for k in (1, 3))
-        c0, c1 = (max(0, math.ceil(box[k] / stride[1] - 0.5)) for k in (0, 2))
-        out[INDEX[name], r0:r1, c0:c1] = 1.0
+        out[(INDEX[name], *covered_cells(box, stride))] = 1.0
 
     large = scene.get("large")
     if large is not None:
@@ -81,7 +87,7 @@ def dense_targets(scene: dict, grid: Tuple[int, int], image_size: int) -> torch.
     cover("text/box", text_box["box"])
     for ch, box in zip(text_box["text"], text_box["glyphs"]):
         x, y = box_center(box)
-        r, c = _cell(x, y, stride, grid)
+        r, c = token_cell(x, y, stride, grid)
         side = "left" if x - c * stride[1] < stride[1] / 2 else "right"
         out[INDEX[f"digit_{side}/{ch}"], r, c] = 1.0
     return out
