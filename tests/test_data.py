@@ -195,6 +195,8 @@ def test_text_len_sets_the_generated_read_box(tmp_path):
             VQADataModule(root=str(tmp_path), text_len=bad)
     with pytest.raises(ValueError, match="data.large_question"):
         VQADataModule(root=str(tmp_path), large_question="size")
+    with pytest.raises(ValueError, match="data.locate_answer"):
+        VQADataModule(root=str(tmp_path), locate_answer="object")
 
 
 def test_train_tasks_keeps_only_those_tasks(tmp_path):

@@ -105,3 +105,25 @@ def test_aux_questions_are_right_and_change_nothing_else():
                 assert ("top", "middle", "bottom")[min(2, int(cy * 3 // 128))] == row
                 assert ("left", "center", "right")[min(2, int(cx * 3 // 128))] == col
     assert seen == set(AUX_TASKS)
+
+
+def test_locate_object_cell_restates_the_object_and_changes_nothing_else():
+    """`locate_answer="object_cell"` answers `locate` with the asked object's words and then the
+    same cell; images, scenes and every other question stay those of the default."""
+    plain = SceneGenerator(seed=7, aux_questions=True)
+    restated = SceneGenerator(seed=7, config=GeneratorConfig(locate_answer="object_cell"), aux_questions=True)
+    n_locate = 0
+    for i in range(20):
+        (ip, sp, qp), (ir, sr, qr) = plain.generate(i), restated.generate(i)
+        assert ip.tobytes() == ir.tobytes() and sp == sr and len(qp) == len(qr)
+        for a, b in zip(qp, qr):
+            assert a["question"] == b["question"] and a["task"] == b["task"]
+            if a["task"] == "locate":
+                n_locate += 1
+                color, shape = a["question"].split()[3:5]
+                assert b["answer"] == f"{color} {shape} {a['answer']}"
+            else:
+                assert a["answer"] == b["answer"]
+    assert n_locate > 10
+    with pytest.raises(ValueError, match="generator.locate_answer"):
+        GeneratorConfig(locate_answer="object")

@@ -19,7 +19,12 @@ shape, which a model answers 83% right from presence alone and so never learns t
 `large_question="shape"` the evaluated `large` question is this one and it is not repeated), and
 where a medium object lies on a 3 x 3 grid of the image (`locate`; `spatial` compares two such
 positions), and which digits the box holds, in increasing order (`digits`; `read` also needs
-their left-to-right order). They come after the evaluated questions and draw nothing at random,
+their left-to-right order). `locate_answer="object_cell"` makes `locate` restate the object before
+its cell ("green circle top left"): the token that predicts the cell is then the named object's own
+word, so the attention that finds the object can key on that token's embedding (one hop), where
+the plain answer, predicted at the prompt's last token, first needs a head that moves the colour
+word there (two hops); a decoder trained from scratch on the plain form never learns the second
+hop and answers either object's cell (experiments/two_hop_probe.py). They come after the evaluated questions and draw nothing at random,
 so the images and the evaluated questions of a seed are the same with or without them.
 
 `hard` means the answer needs detail finer than 2x2 pooling of a stride-8 token grid keeps
@@ -51,6 +56,7 @@ DIFFICULTY = {"background": "easy", "large": "easy", "spatial": "easy", "read": 
               "large_shape": "easy", "locate": "easy", "digits": "hard"}
 LARGE_SHAPE_QUESTION = "what shape is the large object ?"
 LARGE_QUESTIONS = ("presence", "shape")  # what the evaluated `large` question asks
+LOCATE_ANSWERS = ("cell", "object_cell")  # what the training-only `locate` answer says
 ROWS3, COLS3 = ("top", "middle", "bottom"), ("left", "center", "right")
 
 Box = Tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive-exclusive)
@@ -68,6 +74,7 @@ class GeneratorConfig:
     count_questions: int = 2
     min_relation_offset: int = 20
     large_question: str = "presence"  # or "shape" (see the module docstring)
+    locate_answer: str = "cell"  # or "object_cell" (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.image_size < 64:
@@ -78,6 +85,8 @@ class GeneratorConfig:
             raise ValueError(f"generator.text_len must be in 1..6, got {self.text_len}")
         if self.large_question not in LARGE_QUESTIONS:
             raise ValueError(f"generator.large_question must be one of {LARGE_QUESTIONS}, got {self.large_question!r}")
+        if self.locate_answer not in LOCATE_ANSWERS:
+            raise ValueError(f"generator.locate_answer must be one of {LOCATE_ANSWERS}, got {self.locate_answer!r}")
 
 
 def vocabulary() -> List[str]:
@@ -271,6 +280,8 @@ class SceneGenerator:
         for obj in (pair["a"], pair["b"]) if pair else ():
             x, y = box_center(obj["box"])
             where = f"{ROWS3[min(2, int(y // third))]} {COLS3[min(2, int(x // third))]}"
+            if self.config.locate_answer == "object_cell":
+                where = f"{obj['color']} {obj['shape']} {where}"
             qa.append(_qa("locate", f"where is the {obj['color']} {obj['shape']} ?", where))
         qa.append(_qa("digits", "which digits are in the box ?", " ".join(sorted(scene["text_box"]["text"]))))
         return qa
