@@ -33,9 +33,10 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
+from PIL import Image
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -75,6 +76,18 @@ def load_exported_base(path: str | Path) -> Tuple[VisorLVLM, dict]:
 
 def _stride(grid: Tuple[int, int], image_size: int) -> Tuple[float, float]:
     return image_size / grid[0], image_size / grid[1]
+
+
+def medium_pair_scenes(gen: SceneGenerator, n: int) -> Iterator[Tuple[Image.Image, dict, List[dict]]]:
+    """The generator's first `n` scenes that hold two medium objects, as `generate` returns them:
+    (image, scene, qa)."""
+    i = found = 0
+    while found < n:
+        image, scene, qa = gen.generate(i)
+        i += 1
+        if scene["medium"] is not None:
+            found += 1
+            yield image, scene, qa
 
 
 def object_tokens(box, grid: Tuple[int, int], image_size: int) -> List[int]:
@@ -166,13 +179,9 @@ def probe(checkpoint: str, n_images: int, seed: int, batch: int = 25) -> dict:
     mass = None  # (L, H, 2): asked, other
     tokens, labels = [], []
     scenes = []  # (image, the medium pair, {task: [(question, answer), ...]}) from the generator
-    i = 0
-    while len(scenes) < n_images:
-        image, scene, qa = gen.generate(i)
-        i += 1
-        if scene["medium"] is not None:
-            asked = {t: [(q["question"], q["answer"]) for q in qa if q["task"] == t] for t in ("spatial", "locate")}
-            scenes.append((_image_tensor(image), scene["medium"], asked))
+    for image, scene, qa in medium_pair_scenes(gen, n_images):
+        asked = {t: [(q["question"], q["answer"]) for q in qa if q["task"] == t] for t in ("spatial", "locate")}
+        scenes.append((_image_tensor(image), scene["medium"], asked))
     for start in tqdm(range(0, n_images, batch), desc="binding probe", unit="batch"):
         chunk = scenes[start:start + batch]
         images = torch.stack([img for img, _, _ in chunk])

@@ -33,7 +33,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
@@ -43,15 +43,15 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.binding_probe import load_exported_base  # noqa: E402
-from src.data.generator import LOCATE_ANSWERS, GeneratorConfig, SceneGenerator, vocabulary  # noqa: E402
+from experiments.binding_probe import load_exported_base, medium_pair_scenes  # noqa: E402
+from src.data.generator import COLS3, LOCATE_ANSWERS, ROWS3, GeneratorConfig, SceneGenerator, vocabulary  # noqa: E402
 from src.data.scene_stream import _image_tensor  # noqa: E402
 from src.data.tokenizer import WordTokenizer  # noqa: E402
 from src.models import VisorLVLM  # noqa: E402
 from src.models.decoder import Decoder, DecoderConfig  # noqa: E402
 from src.models.plan import LayerPlan  # noqa: E402
 
-CELLS = [f"{r} {c}" for r in ("top", "middle", "bottom") for c in ("left", "center", "right")]
+CELLS = [f"{r} {c}" for r in ROWS3 for c in COLS3]  # the generator's 3 x 3 cells, raster order
 
 
 def locate_items(n_images: int, seed: int, image_size: int) -> Tuple[List[torch.Tensor], List[List[dict]]]:
@@ -60,13 +60,10 @@ def locate_items(n_images: int, seed: int, image_size: int) -> Tuple[List[torch.
     (question, answer "<colour> <shape> <row> <col>")."""
     gen = SceneGenerator(seed, GeneratorConfig(image_size=image_size, locate_answer="object_cell"),
                          aux_questions=True)
-    images, qas, i = [], [], 0
-    while len(images) < n_images:
-        image, scene, qa = gen.generate(i)
-        i += 1
-        if scene["medium"] is not None:
-            images.append(_image_tensor(image))
-            qas.append([q for q in qa if q["task"] == "locate"])
+    images, qas = [], []
+    for image, _, qa in medium_pair_scenes(gen, n_images):
+        images.append(_image_tensor(image))
+        qas.append([q for q in qa if q["task"] == "locate"])
     return images, qas
 
 
@@ -160,7 +157,7 @@ def render(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints/base"))
+    ap.add_argument("--checkpoint", default="checkpoints/base")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--images", type=int, default=4000, help="scenes with two medium objects, val included")
@@ -175,10 +172,7 @@ def main() -> None:
     visual = visual_tokens(model, images)
     forms = {form: train_readout(visual, qas, form, args.layers, args.steps, args.val_images)
              for form in LOCATE_ANSWERS}
-    checkpoint = args.checkpoint
-    if Path(checkpoint).resolve().is_relative_to(ROOT):
-        checkpoint = str(Path(checkpoint).resolve().relative_to(ROOT))
-    result = {"checkpoint": checkpoint, "layers": args.layers, "steps": args.steps, "images": args.images,
+    result = {"checkpoint": args.checkpoint, "layers": args.layers, "steps": args.steps, "images": args.images,
               "val_images": args.val_images, "seed": args.seed, "seconds": time.time() - start, "forms": forms}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from experiments.binding_probe import medium_pair_scenes
 from experiments.two_hop_probe import CELLS, locate_items, sequence_ids, train_readout
 from src.data.generator import GeneratorConfig, SceneGenerator, vocabulary
 from src.data.tokenizer import WordTokenizer
@@ -22,12 +23,7 @@ def test_locate_items_are_the_generators_questions():
     images, qas = locate_items(6, seed=4, image_size=128)
     assert len(images) == len(qas) == 6 and images[0].shape == (3, 128, 128)
     plain = SceneGenerator(4, GeneratorConfig(), aux_questions=True)
-    expected, i = [], 0
-    while len(expected) < 6:
-        _, scene, qa = plain.generate(i)
-        i += 1
-        if scene["medium"] is not None:
-            expected.append([q for q in qa if q["task"] == "locate"])
+    expected = [[q for q in qa if q["task"] == "locate"] for _, _, qa in medium_pair_scenes(plain, 6)]
     for got, want in zip(qas, expected):
         assert [q["question"] for q in got] == [q["question"] for q in want]
         assert [" ".join(q["answer"].split()[2:]) for q in got] == [q["answer"] for q in want]

@@ -24,8 +24,9 @@ its cell ("green circle top left"): the token that predicts the cell is then the
 word, so the attention that finds the object can key on that token's embedding (one hop), where
 the plain answer, predicted at the prompt's last token, first needs a head that moves the colour
 word there (two hops); a decoder trained from scratch on the plain form never learns the second
-hop and answers either object's cell (experiments/two_hop_probe.py). They come after the evaluated questions and draw nothing at random,
-so the images and the evaluated questions of a seed are the same with or without them.
+hop and answers either object's cell (experiments/two_hop_probe.py). They come after the
+evaluated questions and draw nothing at random, so the images and the evaluated questions of a
+seed are the same with or without them.
 
 `hard` means the answer needs detail finer than 2x2 pooling of a stride-8 token grid keeps
 (16 px cells): two digits share one pooled cell, as do neighbouring small objects of different
