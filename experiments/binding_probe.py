@@ -163,9 +163,10 @@ def probe(checkpoint: str, n_images: int, seed: int, batch: int = 25) -> dict:
     if data.get("tokenizer_path"):
         raise ValueError(f"{checkpoint}: trained with tokenizer {data['tokenizer_path']}; the probe asks in the "
                          "generated data's word tokenizer")
-    if data.get("locate_answer", "cell") != "cell":
-        raise ValueError(f"{checkpoint}: trained with data.locate_answer={data['locate_answer']!r}; the probe reads "
-                         "`locate` answers and attention at the prompt's last token (the `cell` form)")
+    for field, plain in (("locate_answer", "cell"), ("spatial_answer", "relation")):
+        if data.get(field, plain) != plain:
+            raise ValueError(f"{checkpoint}: trained with data.{field}={data[field]!r}; the probe reads answers "
+                             f"and attention at the prompt's last token (the `{plain}` form)")
     tok = WordTokenizer(vocabulary())  # what the generated data set writes beside its shards
     defaults = GeneratorConfig(image_size=model.vision.image_size)
     gen = SceneGenerator(seed, GeneratorConfig(image_size=data.get("image_size", defaults.image_size),

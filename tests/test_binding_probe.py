@@ -1,5 +1,10 @@
 """The binding probe's pieces (experiments/binding_probe.py): which tokens an object covers, and that
 the attention it reports is the attention the model computes."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
 
 from experiments.binding_probe import center_token, last_token_attention, load_exported_base, object_tokens, probe
@@ -44,3 +49,16 @@ def test_probe_reports_answers_colour_and_attention(base_export):
     for layer in result["attention"]:
         for head in layer:
             assert 0 <= head["asked"] <= 1 and 0 <= head["other"] <= 1 and -1 <= head["selectivity"] <= 1
+
+
+@pytest.mark.parametrize("field, value", [("locate_answer", "object_cell"), ("spatial_answer", "object_relation")])
+def test_probe_refuses_a_base_trained_on_restated_answers(base_export, field, value):
+    """The probe reads answers at the prompt's last token: a base whose answers restate the object
+    first would be scored on the wrong token, so it is refused by name."""
+    manifest_path = Path(base_export) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    restated = Path(base_export).parent / f"restated_{field}"
+    shutil.copytree(base_export, restated)
+    (restated / "manifest.json").write_text(json.dumps({**manifest, "data": {field: value}}))
+    with pytest.raises(ValueError, match=f"data.{field}"):
+        probe(str(restated), n_images=2, seed=3)

@@ -107,23 +107,26 @@ def test_aux_questions_are_right_and_change_nothing_else():
     assert seen == set(AUX_TASKS)
 
 
-def test_locate_object_cell_restates_the_object_and_changes_nothing_else():
-    """`locate_answer="object_cell"` answers `locate` with the asked object's words and then the
-    same cell; images, scenes and every other question stay those of the default."""
+@pytest.mark.parametrize("option, value, task", [("locate_answer", "object_cell", "locate"),
+                                                  ("spatial_answer", "object_relation", "spatial")])
+def test_restating_answer_names_the_object_first_and_changes_nothing_else(option, value, task):
+    """`locate_answer="object_cell"` / `spatial_answer="object_relation"` answer `locate` /
+    `spatial` with the (first) asked object's words and then the default answer; images, scenes and
+    every other question stay those of the default."""
     plain = SceneGenerator(seed=7, aux_questions=True)
-    restated = SceneGenerator(seed=7, config=GeneratorConfig(locate_answer="object_cell"), aux_questions=True)
-    n_locate = 0
+    restated = SceneGenerator(seed=7, config=GeneratorConfig(**{option: value}), aux_questions=True)
+    n_restated = 0
     for i in range(20):
         (ip, sp, qp), (ir, sr, qr) = plain.generate(i), restated.generate(i)
         assert ip.tobytes() == ir.tobytes() and sp == sr and len(qp) == len(qr)
         for a, b in zip(qp, qr):
             assert a["question"] == b["question"] and a["task"] == b["task"]
-            if a["task"] == "locate":
-                n_locate += 1
-                color, shape = a["question"].split()[3:5]
+            if a["task"] == task:
+                n_restated += 1
+                color, shape = a["question"].split()[3:5]  # "where is the <colour> <shape> ..."
                 assert b["answer"] == f"{color} {shape} {a['answer']}"
             else:
                 assert a["answer"] == b["answer"]
-    assert n_locate > 10
-    with pytest.raises(ValueError, match="generator.locate_answer"):
-        GeneratorConfig(locate_answer="object")
+    assert n_restated >= 10
+    with pytest.raises(ValueError, match=f"generator.{option}"):
+        GeneratorConfig(**{option: "object"})

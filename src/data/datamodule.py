@@ -35,7 +35,9 @@ class VQADataModule(L.LightningDataModule):
     (experiments/results/pooling_probe_text*.md). `large_question`: what the generated `large`
     question asks, `presence` ("is there a large circle ?") or `shape` ("what shape is the large
     object ?"); see src/data/generator.py. `locate_answer`: what the training-only `locate` answer
-    says, `cell` ("top left") or `object_cell` ("green circle top left"); see src/data/generator.py.
+    says, `cell` ("top left") or `object_cell` ("green circle top left"); `spatial_answer`: what the
+    evaluated `spatial` answer says, `relation` ("left") or `object_relation` ("green circle left");
+    see src/data/generator.py.
     `tokenizer_path` (default `root/tokenizer.json`): our word tokenizer file or a Hugging Face
     tokenizer.json (or its folder), laid out in `chat_template` (a name in
     `src.data.tokenizer.CHAT_TEMPLATES`; Hugging Face tokenizers only).
@@ -66,6 +68,7 @@ class VQADataModule(L.LightningDataModule):
         text_len: int = 2,
         large_question: str = "presence",
         locate_answer: str = "cell",
+        spatial_answer: str = "relation",
         tokenizer_path: Optional[str] = None,
         chat_template: str = "chatml",
         predict_shards: Optional[str] = None,
@@ -80,7 +83,7 @@ class VQADataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         try:  # the generator checks its own fields; ours carry the same names under data.
             self.generator_config = GeneratorConfig(text_len=text_len, large_question=large_question,
-                                                    locate_answer=locate_answer)
+                                                    locate_answer=locate_answer, spatial_answer=spatial_answer)
         except ValueError as e:
             raise ValueError(str(e).replace("generator.", "data.", 1)) from None
         if shuffle_seed is not None and shuffle_seed < 0:

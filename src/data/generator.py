@@ -24,7 +24,10 @@ its cell ("green circle top left"): the token that predicts the cell is then the
 word, so the attention that finds the object can key on that token's embedding (one hop), where
 the plain answer, predicted at the prompt's last token, first needs a head that moves the colour
 word there (two hops); a decoder trained from scratch on the plain form never learns the second
-hop and answers either object's cell (experiments/two_hop_probe.py). They come after the
+hop and answers either object's cell (experiments/two_hop_probe.py). `spatial_answer=
+"object_relation"` does the same for the evaluated `spatial` question ("green circle left"): the
+relation is then predicted at the first named object's own shape word, and the second object is
+simply the other medium one. The training-only questions come after the
 evaluated questions and draw nothing at random, so the images and the evaluated questions of a
 seed are the same with or without them.
 
@@ -58,6 +61,7 @@ DIFFICULTY = {"background": "easy", "large": "easy", "spatial": "easy", "read": 
 LARGE_SHAPE_QUESTION = "what shape is the large object ?"
 LARGE_QUESTIONS = ("presence", "shape")  # what the evaluated `large` question asks
 LOCATE_ANSWERS = ("cell", "object_cell")  # what the training-only `locate` answer says
+SPATIAL_ANSWERS = ("relation", "object_relation")  # what the evaluated `spatial` answer says
 ROWS3, COLS3 = ("top", "middle", "bottom"), ("left", "center", "right")
 
 Box = Tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive-exclusive)
@@ -76,6 +80,7 @@ class GeneratorConfig:
     min_relation_offset: int = 20
     large_question: str = "presence"  # or "shape" (see the module docstring)
     locate_answer: str = "cell"  # or "object_cell" (see the module docstring)
+    spatial_answer: str = "relation"  # or "object_relation" (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.image_size < 64:
@@ -88,6 +93,8 @@ class GeneratorConfig:
             raise ValueError(f"generator.large_question must be one of {LARGE_QUESTIONS}, got {self.large_question!r}")
         if self.locate_answer not in LOCATE_ANSWERS:
             raise ValueError(f"generator.locate_answer must be one of {LOCATE_ANSWERS}, got {self.locate_answer!r}")
+        if self.spatial_answer not in SPATIAL_ANSWERS:
+            raise ValueError(f"generator.spatial_answer must be one of {SPATIAL_ANSWERS}, got {self.spatial_answer!r}")
 
 
 def vocabulary() -> List[str]:
@@ -258,8 +265,11 @@ class SceneGenerator:
         pair = scene["medium"]
         if pair is not None:
             a, b = pair["a"], pair["b"]
+            answer = pair["relation"]
+            if self.config.spatial_answer == "object_relation":
+                answer = f"{a['color']} {a['shape']} {answer}"
             qa.append(_qa("spatial", f"where is the {a['color']} {a['shape']} relative to the {b['color']} {b['shape']} ?",
-                          pair["relation"]))
+                          answer))
         qa.append(_qa("read", "what is written in the box ?", " ".join(scene["text_box"]["text"])))
         kinds = [(c, s) for c in SMALL_COLORS for s in SMALL_SHAPES]
         for color, shape in rng.sample(kinds, min(self.config.count_questions, len(kinds))):
