@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 import torch
-from PIL import Image
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]

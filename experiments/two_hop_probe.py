@@ -62,6 +62,14 @@ CLASSES = {"locate": CELLS, "spatial": list(RELATIONS)}
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 
 
+def task_of(form: str) -> str:
+    """The task whose answer forms (TASK_FORMS) include `form`."""
+    for task, forms in TASK_FORMS.items():
+        if form in forms:
+            return task
+    raise ValueError(f"form must be one of {[f for forms in TASK_FORMS.values() for f in forms]}, got {form!r}")
+
+
 def probe_items(task: str, n_images: int, seed: int, image_size: int) -> Tuple[List[torch.Tensor], List[List[dict]]]:
     """-> images (each (3, H, W)) of the first `n_images` scenes with two medium objects, and per
     image its `task` QAs (`locate`: two, one per object; `spatial`: one) as the generator writes
@@ -83,9 +91,7 @@ def sequence_ids(tok: WordTokenizer, question: str, answer: str, form: str) -> T
     reads the last of, the class of <rest> in its task's CLASSES). Plain forms (`cell`,
     `relation`): the prompt (ends at <sep>); restated forms (`object_cell`, `object_relation`): the
     prompt and the restated object, teacher-forced (ends at its shape word)."""
-    task = next((t for t, forms in TASK_FORMS.items() if form in forms), None)
-    if task is None:
-        raise ValueError(f"form must be one of {[f for forms in TASK_FORMS.values() for f in forms]}, got {form!r}")
+    task = task_of(form)
     words = answer.split()
     assert len(words) >= 3, f"expected '<colour> <shape> <answer>', got {answer!r}"
     ids = tok.prompt(question)
@@ -102,7 +108,7 @@ def readout_targets(qas: List[List[dict]], form: str) -> Tuple[torch.Tensor, tor
     seqs = [[sequence_ids(tok, q["question"], q["answer"], form) for q in per_image] for per_image in qas]
     ids = torch.tensor([[s[0] for s in per_image] for per_image in seqs])  # questions of a task are equal-length
     label = torch.tensor([[s[1] for s in per_image] for per_image in seqs])
-    if form in LOCATE_ANSWERS:
+    if task_of(form) == "locate":
         assert label.shape[1] == 2, f"locate: two questions per image, got {label.shape[1]}"
         confused = label.flip(1)
     else:
@@ -129,7 +135,7 @@ def train_readout(visual: torch.Tensor, qas: List[List[dict]], form: str, n_laye
     assert len(qas) == N and 0 < n_val < N, f"{len(qas)} QA lists for {N} images, n_val {n_val}"
     ids, label, confused = readout_targets(qas, form)
     K = label.shape[1]
-    n_classes = len(CLASSES["locate" if form in LOCATE_ANSWERS else "spatial"])
+    n_classes = len(CLASSES[task_of(form)])
     torch.manual_seed(seed)
     config = DecoderConfig(preset="tiny", n_layers=n_layers)
     assert config.d_model == d, f"visual tokens have d={d}, the tiny decoder d_model={config.d_model}"

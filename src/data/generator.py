@@ -267,8 +267,8 @@ class SceneGenerator:
             a, b = pair["a"], pair["b"]
             answer = pair["relation"]
             if self.config.spatial_answer == "object_relation":
-                answer = f"{a['color']} {a['shape']} {answer}"
-            qa.append(_qa("spatial", f"where is the {a['color']} {a['shape']} relative to the {b['color']} {b['shape']} ?",
+                answer = f"{_words(a)} {answer}"
+            qa.append(_qa("spatial", f"where is the {_words(a)} relative to the {_words(b)} ?",
                           answer))
         qa.append(_qa("read", "what is written in the box ?", " ".join(scene["text_box"]["text"])))
         kinds = [(c, s) for c in SMALL_COLORS for s in SMALL_SHAPES]
@@ -292,10 +292,15 @@ class SceneGenerator:
             x, y = box_center(obj["box"])
             where = f"{ROWS3[min(2, int(y // third))]} {COLS3[min(2, int(x // third))]}"
             if self.config.locate_answer == "object_cell":
-                where = f"{obj['color']} {obj['shape']} {where}"
-            qa.append(_qa("locate", f"where is the {obj['color']} {obj['shape']} ?", where))
+                where = f"{_words(obj)} {where}"
+            qa.append(_qa("locate", f"where is the {_words(obj)} ?", where))
         qa.append(_qa("digits", "which digits are in the box ?", " ".join(sorted(scene["text_box"]["text"]))))
         return qa
+
+
+def _words(obj: dict) -> str:
+    """How questions, and the restated answers, name a medium object: "<colour> <shape>"."""
+    return f"{obj['color']} {obj['shape']}"
 
 
 def _qa(task: str, question: str, answer: str) -> dict:
