@@ -4,7 +4,7 @@
 # current directory, as every config here writes them), a stage whose export exists is skipped and
 # an interrupted one resumes from its last.ckpt; arguments after `--` go to every stage's fit.
 # Run it again after an interruption, and in the background for the hours a CPU needs:
-#   setsid nohup bash experiments/train_base.sh configs/base.yaml configs/base_stage2.yaml \
+#   setsid nohup bash experiments/train_base.sh configs/base.yaml configs/base_stage2.yaml configs/base_stage3.yaml \
 #     >> outputs/train_base.log 2>&1 &
 set -euo pipefail
 configs=()

@@ -6,37 +6,37 @@ import torch
 
 from src.cli import main
 from src.data.generator import TASKS
+from tests.fit_args import ENCODER_FROM_REPO, SHIPPED_ENCODER, TINY_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ["--data.train_images", "40", "--data.val_images", "8", "--data.images_per_shard", "20",
-        "--data.num_workers", "0", "--data.batch_size", "4", "--data.val_batch_size", "8"]
 
 
 def _fit(config, *extra):
-    cli = main(["fit", "--config", str(ROOT / config), *extra.__iter__(), "--trainer.fast_dev_run", "2", *DATA])
+    cli = main(["fit", "--config", str(ROOT / config), *extra, "--trainer.fast_dev_run", "2", *TINY_DATA])
     return cli
 
 
 def test_base_config_trains_and_exports(workdir):
-    encoder = str(ROOT / "checkpoints/encoder/model.safetensors")
-    cli = _fit("configs/base.yaml", "--model.lvlm.init_args.vision.init_args.weights_path", encoder)
+    cli = _fit("configs/base.yaml", *ENCODER_FROM_REPO)
     assert cli.trainer.global_step == 2
     assert (workdir / "outputs/base/export/model.safetensors").exists()
     assert (workdir / "data/base/tokenizer.json").exists()
     # the base starts from the shipped pretrained encoder and keeps it frozen
     from safetensors.torch import load_file
-    shipped = load_file(encoder)
+    shipped = load_file(SHIPPED_ENCODER)
     vision = cli.model.lvlm.vision.state_dict()
     assert set(vision) == set(shipped) and all(torch.equal(vision[k], shipped[k]) for k in shipped)
 
 
-def test_base_stage2_continues_from_a_base(workdir, base_export):
-    """Stage 2 of the base loads stage 1's export and trains it on five-digit boxes."""
-    encoder = str(ROOT / "checkpoints/encoder/model.safetensors")
-    cli = _fit("configs/base_stage2.yaml", "--model.base_checkpoint", base_export,
-               "--model.lvlm.init_args.vision.init_args.weights_path", encoder)
-    assert cli.trainer.global_step == 2 and cli.datamodule.hparams.text_len == 5
-    assert (workdir / "outputs/base_stage2/export/model.safetensors").exists()
+@pytest.mark.parametrize("stage, count_answer", [("base_stage2", "count"), ("base_stage3", "kind_count")])
+def test_later_base_stages_continue_from_a_base(workdir, base_export, stage, count_answer):
+    """Stages 2 and 3 of the base load the previous stage's export and train it on five-digit boxes
+    with the restated answers (stage 3: `count` restated too)."""
+    cli = _fit(f"configs/{stage}.yaml", "--model.base_checkpoint", base_export, *ENCODER_FROM_REPO)
+    h = cli.datamodule.hparams
+    assert cli.trainer.global_step == 2 and h.text_len == 5 and h.spatial_answer == "object_relation"
+    assert h.count_answer == count_answer
+    assert (workdir / f"outputs/{stage}/export/model.safetensors").exists()
     from safetensors.torch import load_file
     start = load_file(base_export + "/model.safetensors")
     trained = cli.model.lvlm.state_dict()
@@ -128,7 +128,7 @@ def test_universal_then_policy_stage_from_the_cli(workdir, base_export):
     for mode in ("reinforce", "pseudo_label"):
         policy_cli = main(["fit", "--config", str(ROOT / "configs/policy.yaml"),
                            "--model.init_args.universal_checkpoint", str(export), "--model.init_args.mode", mode,
-                           "--trainer.fast_dev_run", "2", *DATA])
+                           "--trainer.fast_dev_run", "2", *TINY_DATA])
         module = policy_cli.model
         assert policy_cli.trainer.global_step == 2
         trainable = {n for n, p in module.lvlm.named_parameters() if p.requires_grad}
@@ -148,4 +148,4 @@ def test_policy_stage_needs_the_universal_export(workdir):
     # (in subclass mode jsonargparse re-raises the module's FileNotFoundError as a ValueError quoting it)
     with pytest.raises((FileNotFoundError, ValueError), match="universal_checkpoint=no/such/dir does not exist"):
         main(["fit", "--config", str(ROOT / "configs/policy.yaml"), "--model.init_args.universal_checkpoint",
-              "no/such/dir", "--trainer.fast_dev_run", "1", *DATA])
+              "no/such/dir", "--trainer.fast_dev_run", "1", *TINY_DATA])

@@ -199,6 +199,8 @@ def test_text_len_sets_the_generated_read_box(tmp_path):
         VQADataModule(root=str(tmp_path), locate_answer="object")
     with pytest.raises(ValueError, match="data.spatial_answer"):
         VQADataModule(root=str(tmp_path), spatial_answer="object")
+    with pytest.raises(ValueError, match="data.count_answer"):
+        VQADataModule(root=str(tmp_path), count_answer="kind")
 
 
 def test_train_tasks_keeps_only_those_tasks(tmp_path):

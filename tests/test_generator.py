@@ -107,11 +107,13 @@ def test_aux_questions_are_right_and_change_nothing_else():
     assert seen == set(AUX_TASKS)
 
 
-@pytest.mark.parametrize("option, value, task", [("locate_answer", "object_cell", "locate"),
-                                                  ("spatial_answer", "object_relation", "spatial")])
-def test_restating_answer_names_the_object_first_and_changes_nothing_else(option, value, task):
-    """`locate_answer="object_cell"` / `spatial_answer="object_relation"` answer `locate` /
-    `spatial` with the (first) asked object's words and then the default answer; images, scenes and
+@pytest.mark.parametrize("option, value, task, named", [("locate_answer", "object_cell", "locate", slice(3, 5)),
+                                                         ("spatial_answer", "object_relation", "spatial", slice(3, 5)),
+                                                         ("count_answer", "kind_count", "count", slice(2, 4))])
+def test_restating_answer_names_the_object_first_and_changes_nothing_else(option, value, task, named):
+    """`locate_answer="object_cell"` / `spatial_answer="object_relation"` / `count_answer=
+    "kind_count"` answer `locate` / `spatial` / `count` with the (first) asked object's or kind's
+    words (`named`: where the question names it) and then the default answer; images, scenes and
     every other question stay those of the default."""
     plain = SceneGenerator(seed=7, aux_questions=True)
     restated = SceneGenerator(seed=7, config=GeneratorConfig(**{option: value}), aux_questions=True)
@@ -123,7 +125,7 @@ def test_restating_answer_names_the_object_first_and_changes_nothing_else(option
             assert a["question"] == b["question"] and a["task"] == b["task"]
             if a["task"] == task:
                 n_restated += 1
-                color, shape = a["question"].split()[3:5]  # "where is the <colour> <shape> ..."
+                color, shape = a["question"].split()[named]  # "where is the <colour> <shape> ...", "how many <colour> <shape>s ..."
                 assert b["answer"] == f"{color} {shape} {a['answer']}"
             else:
                 assert a["answer"] == b["answer"]

@@ -10,11 +10,10 @@ import yaml
 import experiments.runs as runs
 from experiments.sweep import Point, candidate_layers, expand, load_grid, main, point_plan
 from src.models.plan import LayerPlan
+from tests.fit_args import TINY_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--data.train_images", "40", "--data.val_images", "8", "--data.images_per_shard", "20",
-        "--data.num_workers", "0", "--data.batch_size", "4", "--data.val_batch_size", "8",
-        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+TINY = [*TINY_DATA, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
         "--model.new_params_only_steps", "1"]
 
 

@@ -4,12 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.fit_args import ENCODER_FROM_REPO, TINY_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments/train_base.sh"
-TINY = ["--trainer.fast_dev_run", "2", "--data.train_images", "40", "--data.val_images", "8",
-        "--data.images_per_shard", "20", "--data.num_workers", "0", "--data.batch_size", "4",
-        "--data.val_batch_size", "8",
-        "--model.lvlm.init_args.vision.init_args.weights_path", str(ROOT / "checkpoints/encoder/model.safetensors")]
+TINY = ["--trainer.fast_dev_run", "2", *TINY_DATA, *ENCODER_FROM_REPO]
 
 
 def _run(cwd, *args):
@@ -18,19 +17,20 @@ def _run(cwd, *args):
 
 
 def test_chains_stages_then_skips_finished_ones(tmp_path):
-    """Stage 2 starts from stage 1's export (its config's base_checkpoint, relative to the working
-    directory); a second run finds both exports and trains nothing."""
+    """Each later stage starts from the previous stage's export (its config's base_checkpoint,
+    relative to the working directory); a second run finds every export and trains nothing."""
     (tmp_path / "configs").mkdir()
-    for name in ("base_restated", "base_restated_stage2"):
+    names = ("base", "base_stage2", "base_stage3")
+    for name in names:
         (tmp_path / f"configs/{name}.yaml").write_text((ROOT / f"configs/{name}.yaml").read_text())
-    stages = ["configs/base_restated.yaml", "configs/base_restated_stage2.yaml"]
+    stages = [f"configs/{name}.yaml" for name in names]
     first = _run(tmp_path, *stages, "--", *TINY)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count("from the start") == 2 and "done" in first.stdout
-    for name in ("base_restated", "base_restated_stage2"):
+    assert first.stdout.count("from the start") == 3 and "done" in first.stdout
+    for name in names:
         assert (tmp_path / f"outputs/{name}/export/model.safetensors").exists()
     again = _run(tmp_path, *stages, "--", *TINY)
-    assert again.returncode == 0 and again.stdout.count("exists, skipped") == 2 and "from the start" not in again.stdout
+    assert again.returncode == 0 and again.stdout.count("exists, skipped") == 3 and "from the start" not in again.stdout
 
 
 def test_bad_arguments_are_named(tmp_path):

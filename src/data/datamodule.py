@@ -37,7 +37,8 @@ class VQADataModule(L.LightningDataModule):
     object ?"); see src/data/generator.py. `locate_answer`: what the training-only `locate` answer
     says, `cell` ("top left") or `object_cell` ("green circle top left"); `spatial_answer`: what the
     evaluated `spatial` answer says, `relation` ("left") or `object_relation` ("green circle left");
-    see src/data/generator.py.
+    `count_answer`: what the evaluated `count` answer says, `count` ("2") or `kind_count` ("red
+    circles 2"); see src/data/generator.py.
     `tokenizer_path` (default `root/tokenizer.json`): our word tokenizer file or a Hugging Face
     tokenizer.json (or its folder), laid out in `chat_template` (a name in
     `src.data.tokenizer.CHAT_TEMPLATES`; Hugging Face tokenizers only).
@@ -69,6 +70,7 @@ class VQADataModule(L.LightningDataModule):
         large_question: str = "presence",
         locate_answer: str = "cell",
         spatial_answer: str = "relation",
+        count_answer: str = "count",
         tokenizer_path: Optional[str] = None,
         chat_template: str = "chatml",
         predict_shards: Optional[str] = None,
@@ -83,7 +85,8 @@ class VQADataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         try:  # the generator checks its own fields; ours carry the same names under data.
             self.generator_config = GeneratorConfig(text_len=text_len, large_question=large_question,
-                                                    locate_answer=locate_answer, spatial_answer=spatial_answer)
+                                                    locate_answer=locate_answer, spatial_answer=spatial_answer,
+                                                    count_answer=count_answer)
         except ValueError as e:
             raise ValueError(str(e).replace("generator.", "data.", 1)) from None
         if shuffle_seed is not None and shuffle_seed < 0:

@@ -27,7 +27,8 @@ word there (two hops); a decoder trained from scratch on the plain form never le
 hop and answers either object's cell (experiments/two_hop_probe.py). `spatial_answer=
 "object_relation"` does the same for the evaluated `spatial` question ("green circle left"): the
 relation is then predicted at the first named object's own shape word, and the second object is
-simply the other medium one. The training-only questions come after the
+simply the other medium one. `count_answer="kind_count"` restates the counted kind the same way
+("red circles 2"), so the number is predicted at the kind's own shape word. The training-only questions come after the
 evaluated questions and draw nothing at random, so the images and the evaluated questions of a
 seed are the same with or without them.
 
@@ -62,6 +63,7 @@ LARGE_SHAPE_QUESTION = "what shape is the large object ?"
 LARGE_QUESTIONS = ("presence", "shape")  # what the evaluated `large` question asks
 LOCATE_ANSWERS = ("cell", "object_cell")  # what the training-only `locate` answer says
 SPATIAL_ANSWERS = ("relation", "object_relation")  # what the evaluated `spatial` answer says
+COUNT_ANSWERS = ("count", "kind_count")  # what the evaluated `count` answer says
 ROWS3, COLS3 = ("top", "middle", "bottom"), ("left", "center", "right")
 
 Box = Tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive-exclusive)
@@ -81,6 +83,7 @@ class GeneratorConfig:
     large_question: str = "presence"  # or "shape" (see the module docstring)
     locate_answer: str = "cell"  # or "object_cell" (see the module docstring)
     spatial_answer: str = "relation"  # or "object_relation" (see the module docstring)
+    count_answer: str = "count"  # or "kind_count" (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.image_size < 64:
@@ -95,6 +98,8 @@ class GeneratorConfig:
             raise ValueError(f"generator.locate_answer must be one of {LOCATE_ANSWERS}, got {self.locate_answer!r}")
         if self.spatial_answer not in SPATIAL_ANSWERS:
             raise ValueError(f"generator.spatial_answer must be one of {SPATIAL_ANSWERS}, got {self.spatial_answer!r}")
+        if self.count_answer not in COUNT_ANSWERS:
+            raise ValueError(f"generator.count_answer must be one of {COUNT_ANSWERS}, got {self.count_answer!r}")
 
 
 def vocabulary() -> List[str]:
@@ -274,7 +279,8 @@ class SceneGenerator:
         kinds = [(c, s) for c in SMALL_COLORS for s in SMALL_SHAPES]
         for color, shape in rng.sample(kinds, min(self.config.count_questions, len(kinds))):
             n = sum(1 for o in scene["small"] if o["color"] == color and o["shape"] == shape)
-            qa.append(_qa("count", f"how many {color} {shape}s are there ?", str(n)))
+            answer = f"{color} {shape}s {n}" if self.config.count_answer == "kind_count" else str(n)
+            qa.append(_qa("count", f"how many {color} {shape}s are there ?", answer))
         if self.aux_questions:
             qa += self.aux(scene)
         return qa
