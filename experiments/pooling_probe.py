@@ -1,7 +1,8 @@
 """Does 2x2 pooling of the visual tokens destroy what reading needs? A probe without the LLM.
 
 The foundation issue wants hard tasks that 2x2 pooling hurts clearly more than easy ones; on
-base v3 (two-digit boxes), fine-tuning with pooled tokens costs `read` nothing (experiments/results/base_v3/headline.md).
+base v3 (two-digit boxes), fine-tuning with pooled tokens costs `read` nothing
+(experiments/results/base_v3/headline.md).
 This probe asks where that comes from. For generated scenes it takes the 4 x 4 tokens (32 x 32 px)
 of the corner that holds the text box, from one token source:
 

@@ -6,9 +6,8 @@ import torch
 
 from src.cli import main
 from src.data.generator import TASKS
-from tests.fit_args import ENCODER_FROM_REPO, SHIPPED_ENCODER, TINY_DATA
+from tests.fit_args import ENCODER_FROM_REPO, ROOT, SHIPPED_ENCODER, TINY_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fit(config, *extra):

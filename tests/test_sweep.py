@@ -2,7 +2,6 @@
 
 Points are real LightningCLI fits of 2 steps on tiny generated data (not `fast_dev_run`: that
 disables the logger, and the runner reads each point's results from its TensorBoard run)."""
-from pathlib import Path
 
 import pytest
 import yaml
@@ -10,9 +9,8 @@ import yaml
 import experiments.runs as runs
 from experiments.sweep import Point, candidate_layers, expand, load_grid, main, point_plan
 from src.models.plan import LayerPlan
-from tests.fit_args import TINY_DATA
+from tests.fit_args import ROOT, TINY_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_DATA, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
         "--model.new_params_only_steps", "1"]
 

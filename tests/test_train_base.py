@@ -4,9 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fit_args import ENCODER_FROM_REPO, TINY_DATA
+from tests.fit_args import ENCODER_FROM_REPO, ROOT, TINY_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments/train_base.sh"
 TINY = ["--trainer.fast_dev_run", "2", *TINY_DATA, *ENCODER_FROM_REPO]
 

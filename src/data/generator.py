@@ -28,9 +28,9 @@ hop and answers either object's cell (experiments/two_hop_probe.py). `spatial_an
 "object_relation"` does the same for the evaluated `spatial` question ("green circle left"): the
 relation is then predicted at the first named object's own shape word, and the second object is
 simply the other medium one. `count_answer="kind_count"` restates the counted kind the same way
-("red circles 2"), so the number is predicted at the kind's own shape word. The training-only questions come after the
-evaluated questions and draw nothing at random, so the images and the evaluated questions of a
-seed are the same with or without them.
+("red circles 2"), so the number is predicted at the kind's own shape word. The training-only
+questions come after the evaluated questions and draw nothing at random, so the images and the
+evaluated questions of a seed are the same with or without them.
 
 `hard` means the answer needs detail finer than 2x2 pooling of a stride-8 token grid keeps
 (16 px cells): two digits share one pooled cell, as do neighbouring small objects of different
