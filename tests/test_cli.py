@@ -9,7 +9,6 @@ from src.data.generator import TASKS
 from tests.fit_args import ENCODER_FROM_REPO, ROOT, SHIPPED_ENCODER, TINY_DATA
 
 
-
 def _fit(config, *extra):
     cli = main(["fit", "--config", str(ROOT / config), *extra, "--trainer.fast_dev_run", "2", *TINY_DATA])
     return cli
