@@ -1,11 +1,12 @@
 # make fit   : install (when needed), generate the embedded data, run the main VISOR job
 # make test  : install (when needed), run the test suite
-# The virtual environment is keyed by a hash of the dependency specification, so a changed
-# dependency installs afresh. VENV_ROOT may point outside the clone (CI reuses one there).
+# The virtual environment is keyed by a hash of the dependency specification and of the lock
+# (constraints.txt: the exact versions the README's figures were measured on), so a changed
+# dependency or pin installs afresh. VENV_ROOT may point outside the clone (CI reuses one there).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV_ROOT ?= .venv-cache
-DEPS_HASH := $(shell $(PYTHON) tools/requirements.py --dev | sha256sum | cut -c1-16)
+DEPS_HASH := $(shell { $(PYTHON) tools/requirements.py --dev; cat constraints.txt; } | sha256sum | cut -c1-16)
 VENV := $(VENV_ROOT)/$(DEPS_HASH)
 PY := $(VENV)/bin/python
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
@@ -13,11 +14,11 @@ CONFIG ?= configs/visor.yaml
 
 .PHONY: install fit test test-all build clean
 
-$(VENV)/.installed: pyproject.toml tools/requirements.py
+$(VENV)/.installed: pyproject.toml tools/requirements.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) tools/requirements.py --dev > $(VENV)/requirements.txt
-	$(PY) -m pip install -q setuptools wheel -r $(VENV)/requirements.txt
+	$(PY) -m pip install -q setuptools wheel -r $(VENV)/requirements.txt -c constraints.txt
 	touch $@
 
 # Rebuilt whenever a C++/CUDA source changes, or the build kind does (FORCE_CUDA=1 adds the .cu sources).

@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,18 +57,28 @@ def sync(device: str) -> None:
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], device: str, repeats: int) -> Dict[str, float]:
     """Median seconds per call of each function, the functions alternating within every repeat."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, device, repeats).items()}
+
+
+def interleaved_times(fns: Dict[str, Callable[[], object]], device: str, repeats: int,
+                      label: Optional[str] = None) -> Dict[str, List[float]]:
+    """Seconds of every call of each function (one warm-up call each first), the functions alternating
+    within every repeat; `label`: print the running medians after each repeat."""
     for fn in fns.values():  # warm-up
         fn()
     sync(device)
     times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for r in range(repeats):
         for name, fn in fns.items():
             sync(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        if label:
+            print(f"  {label} repeat {r + 1}/{repeats}: " + ", ".join(
+                f"{n} {statistics.median(t) * 1e3:.0f}" for n, t in times.items()) + " ms", flush=True)
+    return times
 
 
 def matmul_rate(device: str, dtype: torch.dtype = torch.float32) -> float:
@@ -180,6 +190,11 @@ def write_table(path: Path, device: str, machine: str, rate: float, bandwidth: f
     lines += ["", "Gated layer skipping (self layer d=256, 320 tokens, batch 16; cost relative to all 16 active):", "",
               "| active fraction p | cost / all-active | target p + 0.1 |", "|---|---|---|"]
     lines += [f"| {r['p']:.2f} | {r['ratio']:.3f} | {r['target']:.2f} |" for r in skip]
+    write_report(path, lines)
+
+
+def write_report(path: Path, lines: List[str]) -> None:
+    """A benchmark's markdown lines to `path` (folders made), and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")

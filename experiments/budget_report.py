@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from experiments.committed_rows import merge_committed, weights_fingerprint  # noqa: E402
 from experiments.runs import parse_row_args, run_fit, run_logdir  # noqa: E402
 from experiments.tb_scalars import latest_scalars  # noqa: E402
+from src.flops import CONVENTION  # noqa: E402
 from src.plots import xy_chart  # noqa: E402
 
 GROUP = "budgets"
@@ -137,7 +138,9 @@ def write(records: list, out_dir: Path, base: str) -> str:
     curve_gaps(records)
     gap = lambda v: "" if v is None else f"{100 * v:+.1f}"  # noqa: E731
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    lines = ["| row | budget | acc | easy | hard | spatial | read | count | LLM GFLOPs | budgets chosen (easy) | "
+    lines = [f"Accuracy in % (final validation); LLM GFLOPs per sample {CONVENTION}; budgets chosen: the "
+             "router's fraction of samples at budget 0 / 1 / 2; curve gaps in accuracy points.", "",
+             "| row | budget | acc | easy | hard | spatial | read | count | LLM GFLOPs | budgets chosen (easy) | "
              "budgets chosen (hard) | budgets chosen (spatial) | acc vs universal curve | acc vs fixed curve |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     with open(out_dir / "budgets.csv", "w", newline="") as f:

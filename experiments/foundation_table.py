@@ -21,6 +21,7 @@ from experiments.committed_rows import merge_committed, weights_fingerprint  # n
 from experiments.runs import parse_row_args, run_fit, run_logdir  # noqa: E402
 from experiments.tb_scalars import latest_scalars, scalar_values  # noqa: E402
 from src.data.generator import TASKS  # noqa: E402
+from src.flops import CONVENTION  # noqa: E402
 
 ROWS = {
     "visor": ["--config", "configs/visor.yaml"],
@@ -66,7 +67,8 @@ def write_table(results: dict, out_dir: Path, base: str) -> str:
             lines.append(f"| {m['row']} | " + " | ".join(cells) + " |")
             w.writerow([m["row"]] + [m.get(c) for c in cols] + [base])
     header = (f"Machine: {platform.node()} ({platform.processor() or platform.machine()}), CPU only. "
-              "Accuracy in %, exact match on the validation split; LLM GFLOPs per sample (analytical); "
+              "Accuracy in %, exact match on the validation split; LLM GFLOPs per sample (analytical) "
+              f"{CONVENTION}; "
               "savings = full / row LLM GFLOPs; steps/s: the median over the run of 20-step averages.\n\n")
     text = header + "\n".join(lines) + "\n"
     (out_dir / "foundation.md").write_text(text)

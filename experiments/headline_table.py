@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from experiments.committed_rows import merge_committed, weights_fingerprint  # noqa: E402
 from experiments.runs import parse_row_args, run_fit, run_logdir  # noqa: E402
 from experiments.tb_scalars import latest_scalars  # noqa: E402
+from src.flops import CONVENTION  # noqa: E402
 from src.plots import pareto_chart  # noqa: E402
 
 FULL = ["--config", "configs/full.yaml"]
@@ -113,7 +114,7 @@ def write(records: List[dict], out_dir: Path, base: str) -> str:
     full = next((r["llm_gflops"] for r in records if r["row"] == "full"), None)
     lines = ["Every row fine-tuned from the shipped base (encoder frozen, configs/visor.yaml's recipe; the seed "
              "orders the training stream). Accuracy in % (exact match, final validation: 500 images, 3000 questions); "
-             "LLM GFLOPs per sample; savings = full / row. The hard tasks are `read` and `count` (their columns: `-` "
+             f"LLM GFLOPs per sample {CONVENTION}; savings = full / row. The hard tasks are `read` and `count` (their columns: `-` "
              "where the run logs no per-task accuracy per budget).", "",
              "| row | what | seed | easy | hard | read | count | LLM GFLOPs | savings |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 """Convert a Hugging Face LLaVA-OneVision checkpoint folder into our base checkpoint.
 
     python -m src.convert_llava_ov --hf-dir checkpoints/hf/llava-onevision-qwen2-0.5b-ov-hf \
-        --out checkpoints/llava_ov_0.5b [--dtype bfloat16]
+        --out checkpoints/llava_ov_0.5b [--dtype source|bfloat16|float16|float32]
 
 The folder is what `huggingface-cli download llava-hf/llava-onevision-qwen2-0.5b-ov-hf` gives
 (config.json + model.safetensors or shards with model.safetensors.index.json; no download here).
@@ -28,13 +28,32 @@ from src.models.lvlm import VisorLVLM
 from src.models.siglip import SiglipVisionEncoder
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
-def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> dict:
-    """Convert and write; returns the manifest."""
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+def source_dtype(hf_dir: Path) -> str:
+    """The floating dtype the source checkpoint stores its tensors in (one of DTYPES' names): the
+    published LLaVA-OV-0.5B is float16, and converting it to bfloat16 would round every weight."""
+    from safetensors import safe_open
+
+    found = set()
+    for shard in sorted(Path(hf_dir).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            found |= {f.get_slice(name).get_dtype() for name in f.keys()}
+    floating = {SAFETENSORS_DTYPES[d] for d in found if d in SAFETENSORS_DTYPES}
+    if len(floating) != 1:
+        raise ValueError(f"{hf_dir}: cannot tell the source dtype (floating dtypes found: {sorted(floating) or 'none'}); "
+                         f"pass --dtype {{{', '.join(DTYPES)}}}")
+    return floating.pop()
+
+
+def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "source") -> dict:
+    """Convert and write; returns the manifest. dtype: a DTYPES name, or "source" (the source's own)."""
+    if dtype != "source" and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be 'source' or one of {list(DTYPES)}, got {dtype!r}")
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if dtype == "source":
+        dtype = source_dtype(hf_dir)
     model, settings = llava_ov_from_hf(hf_dir, pos_conv=False)  # the base: all self, no pos conv
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(exportable_state(model, DTYPES[dtype]), str(out_dir / "model.safetensors"))
@@ -72,7 +91,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-dir", required=True, help="the Hugging Face checkpoint folder (config.json + safetensors)")
     ap.add_argument("--out", required=True, help="where to write model.safetensors and manifest.json")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="stored dtype (default: bfloat16)")
+    ap.add_argument("--dtype", default="source", choices=["source", *sorted(DTYPES)],
+                    help="stored dtype (default: the source checkpoint's own, lossless)")
     args = ap.parse_args(argv)
     manifest = convert(args.hf_dir, args.out, args.dtype)
     a = manifest["architecture"]

@@ -1,9 +1,12 @@
 """Analytical FLOPs per layer kind and per sample (1 multiply-add = 2 FLOPs).
 
-Counted the way `torch.utils.flop_counter.FlopCounterMode` counts: matmuls and attention
-(4 * H * Sq * Sk * hd for QK^T and AV, a causal mask not discounted); norms, activations and
-RoPE are left out. The vision encoder is measured once with FlopCounterMode (any timm model),
-the projector and the LLM are analytical. Cross-checked against the counter in tests.
+Convention: matmuls and attention counted as computed. Attention is 4 * H * Sq * Sk * hd (Q K^T
+and P V), HALVED under a causal mask (self layers over [visual; text], the text-only attention of
+cross and text layers), as FlashAttention's FLOP formulas count it, because the kernels skip the
+masked half; cross-attention (text over every visual token) has no mask and counts in full.
+Norms, activations and RoPE are left out. `measured_flops` runs torch's FlopCounterMode with the
+same convention (src/ops/sdpa_flops.py); the vision encoder is measured once with it (any timm
+model), the projector and the LLM are analytical and cross-checked against it in tests.
 """
 from __future__ import annotations
 
@@ -14,6 +17,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from src.models.decoder import DecoderConfig
+from src.ops.sdpa_flops import SDPA_FLOP_FORMULAS
+
+# How a FLOPs figure here counts, for table headers (experiments/reflop.py also reads it there).
+CONVENTION = ("as computed: 1 multiply-add = 2 FLOPs, a causal attention square counted half, "
+              "cross-attention in full (src/flops.py)")
 
 
 def _linear_per_token(c: DecoderConfig) -> int:
@@ -23,8 +31,10 @@ def _linear_per_token(c: DecoderConfig) -> int:
     return qo + kv + mlp
 
 
-def attention_flops(c: DecoderConfig, n_queries: int, n_keys: int) -> int:
-    return 4 * c.n_heads * n_queries * n_keys * c.head_dim
+def attention_flops(c: DecoderConfig, n_queries: int, n_keys: int, causal: bool = False) -> int:
+    """Q K^T and P V for n_queries x n_keys; a causal square counts half (the masked half is skipped)."""
+    full = 4 * c.n_heads * n_queries * n_keys * c.head_dim
+    return full // 2 if causal else full
 
 
 def cross_sublayer_flops(c: DecoderConfig, V: int, T: int) -> int:
@@ -38,8 +48,8 @@ def layer_flops(c: DecoderConfig, kind: str, V: int, T: int) -> int:
     """One decoder layer of `kind` for one sample with V visual and T text tokens."""
     if kind == "self":
         S = V + T
-        return S * _linear_per_token(c) + attention_flops(c, S, S)
-    text = T * _linear_per_token(c) + attention_flops(c, T, T)
+        return S * _linear_per_token(c) + attention_flops(c, S, S, causal=True)
+    text = T * _linear_per_token(c) + attention_flops(c, T, T, causal=True)
     if kind == "text":
         return text
     if kind == "cross":
@@ -47,13 +57,16 @@ def layer_flops(c: DecoderConfig, kind: str, V: int, T: int) -> int:
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
-def llm_flops(c: DecoderConfig, kinds: Sequence[str], V: Union[int, Sequence[int]], T: int, lm_head: bool = True) -> int:
-    """The whole LLM for one sample: every layer by its kind, plus the LM head over the T text tokens.
+def llm_flops(c: DecoderConfig, kinds: Sequence[str], V: Union[int, Sequence[int]], T: int, lm_head: bool = True,
+              head_tokens: Optional[int] = None) -> int:
+    """The whole LLM for one sample: every layer by its kind, plus the LM head over `head_tokens`
+    positions (default all T text tokens; 1 for a prefill, which needs the last one).
     V: visual tokens, one count for all layers or one per layer (after an in-LLM drop)."""
     per_layer = [V] * len(kinds) if isinstance(V, int) else list(V)
     assert len(per_layer) == len(kinds), f"{len(per_layer)} visual counts for {len(kinds)} layers"
     total = sum(layer_flops(c, k, v, T) for k, v in zip(kinds, per_layer))
-    return total + (2 * T * c.d_model * c.vocab_size if lm_head else 0)
+    head_tokens = T if head_tokens is None else head_tokens
+    return total + (2 * head_tokens * c.d_model * c.vocab_size if lm_head else 0)
 
 
 def fastv_rank_flops(c: DecoderConfig, kind: str, V: int, T: int) -> int:
@@ -76,8 +89,8 @@ class SampleFlops:
 
 
 def measured_flops(fn, *args) -> int:
-    """FLOPs of fn(*args) as FlopCounterMode counts them."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of fn(*args) as FlopCounterMode counts them, causal attention halved (the convention above)."""
+    with FlopCounterMode(display=False, custom_mapping=SDPA_FLOP_FORMULAS) as counter:
         fn(*args)
     return counter.get_total_flops()
 

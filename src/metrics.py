@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 import torch
+import torch.nn.functional as F
 from torchmetrics import Metric
 
 
@@ -11,11 +12,26 @@ def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Teacher-forced exact match: every answer token (and <eos>) is the argmax.
 
     Equivalent to greedy decoding reproducing the answer exactly and stopping.
-    logits (B, T, vocab), labels (B, T) with -100 off the answer -> (B,) bool."""
-    assert logits.shape[:2] == labels.shape, f"logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}"
+    logits (B, T, vocab), or (N, vocab) at the answer positions only (labels != -100, row-major, as
+    `VisorLVLM.logits(..., logits_at=)` gives them); labels (B, T) with -100 off the answer -> (B,) bool."""
     mask = labels != -100
-    hit = (logits.argmax(-1) == labels) | ~mask
-    return hit.all(dim=1) & mask.any(dim=1)
+    if logits.dim() == 3:
+        assert logits.shape[:2] == labels.shape, f"logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}"
+        logits = logits[mask]
+    assert logits.shape[0] == int(mask.sum()), (
+        f"logits for {logits.shape[0]} answer positions, labels mark {int(mask.sum())}")
+    wrong = torch.zeros_like(mask)
+    wrong[mask] = logits.argmax(-1) != labels[mask]
+    return ~wrong.any(dim=1) & mask.any(dim=1)
+
+
+def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL of each sample's answer: logits (N, vocab) at the answer positions (as for
+    `exact_match`), labels (B, T) -> (B,) (0 for a sample without answer tokens)."""
+    mask = labels != -100
+    nll = F.cross_entropy(logits.float(), labels[mask], reduction="none")  # (N,)
+    per_sample = nll.new_zeros(labels.shape[0]).index_add(0, mask.nonzero()[:, 0], nll)
+    return per_sample / mask.sum(1).clamp_min(1)
 
 
 class GroupedAccuracy(Metric):

@@ -54,3 +54,19 @@ def test_mismatches_are_listed(tmp_path, tiny_decoder_config):
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointMismatch, match=r"unexpected: \['extra.weight'\][\s\S]*decoder.norm.weight"):
         load_base_checkpoint(visor, tmp_path / "bad.safetensors")
+
+
+def test_other_decoder_sizes_name_the_config_fields_to_set(tmp_path, tiny_decoder_config):
+    """A checkpoint whose manifest records another vocabulary (LLaVA-OV's 152000 against the Qwen2
+    preset's 151936) fails before any tensor is compared, naming each field and its value."""
+    import dataclasses
+
+    base = _model(tiny_decoder_config, LayerPlan(4, all_self=True), pos_conv=False)
+    out = export_checkpoint(base, tmp_path / "base", {})
+    other = dataclasses.replace(tiny_decoder_config, vocab_size=tiny_decoder_config.vocab_size + 8)
+    model = _model(other, LayerPlan(4, all_self=True), pos_conv=False)
+    want = (f"set model.lvlm.init_args.decoder.vocab_size: {tiny_decoder_config.vocab_size} "
+            f"\\(the model has {other.vocab_size}\\)")
+    with pytest.raises(CheckpointMismatch, match=want):
+        load_base_checkpoint(model, out, field_prefix="model.lvlm.init_args.decoder.")
+    load_base_checkpoint(_model(tiny_decoder_config, LayerPlan(4, all_self=True), pos_conv=False), out)  # same sizes load

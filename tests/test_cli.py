@@ -85,7 +85,8 @@ def test_visor_is_cheaper_than_full(workdir, base_export):
     for name in ("visor", "full"):
         cli = _fit(f"configs/{name}.yaml", "--model.base_checkpoint", base_export)
         gflops[name] = float(cli.trainer.callback_metrics["val/gflops"])
-    assert gflops["full"] / gflops["visor"] > 4.0, gflops
+    # 3.84x with causal attention counted at half (src/flops.py; 4.2x when the full square was counted)
+    assert gflops["full"] / gflops["visor"] > 3.5, gflops
 
 
 @pytest.mark.parametrize("arg, value, field", [

@@ -134,3 +134,32 @@ def test_visor_decoder_compiles_without_graph_breaks(tiny_decoder_config):
     assert torch.allclose(out, ref, atol=1e-5)
     out.sum().backward()
     assert dec.cross["1"].gate.grad is not None and dec.cross["1"].gate.grad.abs() > 0
+
+
+def test_logits_at_the_answer_positions_equal_the_full_head_and_metrics_agree(tiny_decoder_config):
+    """VisorLVLM's LM head only where logits are read (src/lit/batch.answer_logits): the same rows as
+    the head over every position, and exact_match / answer_nll give the same per-sample values."""
+    import torch.nn.functional as F
+
+    from src.metrics import answer_nll, exact_match
+    from src.models import VisionEncoder, VisorLVLM
+    c = tiny_decoder_config
+    torch.manual_seed(0)
+    m = VisorLVLM(VisionEncoder("test_byobnet", 2, 64), c, LayerPlan(c.n_layers, self_layers=[0], cross_layers=[1, 3])).eval()
+    images, ids = torch.rand(3, 3, 64, 64), torch.randint(1, c.vocab_size, (3, 7))
+    labels = torch.full((3, 7), -100)
+    labels[0, 4:] = ids[0, 4:]
+    labels[1, 6] = 5
+    with torch.no_grad():
+        every = m(images, ids)  # (B, T, vocab)
+        picked = m(images, ids, logits_at=labels != -100)  # (N, vocab)
+    assert picked.shape == (4, c.vocab_size)
+    torch.testing.assert_close(picked, every[labels != -100], atol=1e-6, rtol=0)
+    labels[0, 4:] = every[0, 4:].argmax(-1)  # sample 0 right, sample 1 (most likely) wrong, sample 2 no answer
+    assert exact_match(every, labels).tolist() == exact_match(every[labels != -100], labels).tolist()
+    assert exact_match(every[labels != -100], labels)[0] and not exact_match(every[labels != -100], labels)[2]
+    nll = F.cross_entropy(every.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
+    want = nll / (labels != -100).sum(1).clamp_min(1)
+    torch.testing.assert_close(answer_nll(every[labels != -100], labels), want)
+    with pytest.raises(AssertionError, match="logits_at"):
+        m(images, ids, logits_at=labels)

@@ -43,17 +43,23 @@ def test_sample_flops_match_whole_model(tiny_decoder_config):
     assert expected.llm < sample_flops(VisorLVLM(enc, tiny_decoder_config, LayerPlan(4, all_self=True)), T).llm
 
 
-def test_flop_counter_counts_cpu_attention_forward_and_backward():
-    """src/ops/sdpa_flops.py: on CPU, scaled_dot_product_attention's kernel is counted (torch 2.14 counted 0)."""
+def test_measured_flops_count_cpu_attention_and_halve_causal_masks():
+    """src/ops/sdpa_flops.py: on CPU, scaled_dot_product_attention's kernel is counted (torch 2.14 counted
+    0), a causal square at half the full one (the convention of src/flops.py), forward and backward."""
     import torch.nn.functional as F
-    import torch.utils.flop_counter
 
-    import src.ops  # noqa: F401
     q = torch.randn(2, 4, 16, 8, requires_grad=True)
     k, v = torch.randn(2, 4, 24, 8), torch.randn(2, 4, 24, 8)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-        out = F.scaled_dot_product_attention(q, k, v)
-    assert counter.get_total_flops() == 4 * 2 * 4 * 16 * 24 * 8
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-        out.sum().backward()
-    assert counter.get_total_flops() >= 2 * 4 * 2 * 4 * 16 * 24 * 8  # dS, dP, dQ, dK, dV: at least 2x forward
+    full = 4 * 2 * 4 * 16 * 24 * 8
+    assert measured_flops(F.scaled_dot_product_attention, q, k, v) == full
+    out = F.scaled_dot_product_attention(q, k, v)
+    assert measured_flops(lambda: out.sum().backward()) >= 2 * full  # dS, dP, dQ, dK, dV: at least 2x forward
+    kc, vc = k[:, :, :16], v[:, :, :16]
+    square = 4 * 2 * 4 * 16 * 16 * 8
+    assert measured_flops(lambda: F.scaled_dot_product_attention(q, kc, vc, is_causal=True)) == square // 2
+    q.grad = None
+    out = F.scaled_dot_product_attention(q, kc, vc, is_causal=True)
+    causal_bwd = measured_flops(lambda: out.sum().backward())
+    q.grad = None
+    out = F.scaled_dot_product_attention(q, kc, vc)
+    assert 2 * causal_bwd == measured_flops(lambda: out.sum().backward())

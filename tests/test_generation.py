@@ -285,3 +285,56 @@ def test_cli_predict_policy_stage(tmp_path, monkeypatch):
                 "min", "--model.init_args.max_new_tokens", "2", "--predict_writer.output_path", str(out), *SMALL_DATA])
     rows = _read_jsonl(out, cli)
     assert all(r["budget"] == 0 and r["budget_layers"] == "SCCTCC" for r in rows)  # inference: min
+
+
+def test_decode_attention_equals_masked_sdpa_with_grouped_heads():
+    """src/ops/attention.decode_attention (one key read per KV head group) against SDPA with the KV
+    heads repeated and the unseen slots masked, at per-sample lengths."""
+    import torch.nn.functional as F
+
+    from src.ops.attention import decode_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 6, 1, 8, generator=g), torch.randn(3, 2, 10, 8, generator=g), torch.randn(3, 2, 10, 8, generator=g)
+    lengths = torch.tensor([10, 4, 1])
+    visible = torch.arange(10)[None, :] < lengths[:, None]
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                          attn_mask=visible[:, None, None, :])
+    torch.testing.assert_close(decode_attention(q, k, v, lengths), want, atol=1e-6, rtol=1e-5)
+
+
+def test_repeated_cache_decodes_as_the_repeated_batch(tiny_decoder_config):
+    """KVCache.repeat (the decode benchmark's large batches) with mixed budgets: the same next-token
+    logits as a prefill over the batch of copies."""
+    from src.models.generation import decode_step, prefill
+    c = tiny_decoder_config
+    m = _model(c, LayerPlan(c.n_layers, **PLANS["optional_cross"]))
+    images, ids, lens = _prompts(c.vocab_size)
+    budgets = torch.tensor([0, 1, 1, 0])
+    _, cache, _, _ = prefill(m, images, ids, lens, 10, budgets)
+    _, big, _, _ = prefill(m, images.repeat_interleave(2, 0), ids.repeat_interleave(2, 0), lens.repeat_interleave(2),
+                           10, budgets.repeat_interleave(2))
+    tok = torch.arange(1, 2 * B + 1)
+    torch.testing.assert_close(decode_step(m, cache.repeat(2), tok), decode_step(m, big, tok), atol=1e-5, rtol=1e-5)
+    assert cache.repeat(2).visual_bytes() == 2 * cache.visual_bytes()
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16_model"])
+def test_generation_in_bfloat16(tiny_decoder_config, mode):
+    """bf16-mixed (autocast) keeps a bf16 cache the decode steps write into; a bf16 model likewise.
+    Mixed budgets, so the per-group caches and the gather/scatter of rows run in bf16 too."""
+    c = tiny_decoder_config
+    plan = LayerPlan(c.n_layers, **PLANS["optional_cross"])
+    m = _model(c, plan)
+    images, ids, lens = _prompts(c.vocab_size)
+    budgets = torch.arange(B) % plan.n_budgets
+    if mode == "bf16_model":
+        m = m.to(torch.bfloat16)
+        out = generate(m, images.to(torch.bfloat16), ids, lens, MAX_NEW, budget=budgets)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = generate(m, images, ids, lens, MAX_NEW, budget=budgets)
+    assert out.tokens.shape == (B, MAX_NEW) and out.lengths.tolist() == [MAX_NEW] * B
+    groups = [g for layer in out.cache.layers for g in layer]
+    assert groups and all(g.k.dtype == torch.bfloat16 and g.v.dtype == torch.bfloat16 for g in groups)
+    assert all(g.cross_k.dtype == torch.bfloat16 for g in groups if g.kind == "cross")
+    assert ((out.tokens >= 0) & (out.tokens < c.vocab_size)).all()

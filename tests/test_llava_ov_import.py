@@ -156,6 +156,20 @@ def test_convert_round_trip(hf_model, hf_dir, tmp_path, capsys):
         convert(hf_dir, tmp_path / "x", dtype="int8")
 
 
+def test_convert_keeps_the_source_dtype_by_default(hf_model, tmp_path):
+    """The published checkpoint is float16: the default stores float16, bit for bit, not a lossy bfloat16."""
+    import copy
+
+    half_dir = tmp_path / "hf_half"
+    copy.deepcopy(hf_model).to(torch.float16).save_pretrained(str(half_dir))
+    manifest = convert(half_dir, tmp_path / "converted")
+    assert manifest["dtype"] == "float16"
+    stored = load_file(str(tmp_path / "converted" / "model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
+    source = hf_model.model.language_model.layers[0].self_attn.q_proj.weight.detach().half()
+    assert torch.equal(stored["decoder.layers.0.attn.q_proj.weight"], source)
+
+
 def test_anyres_input_rejected(hf_dir):
     ours, _ = llava_ov_from_hf(hf_dir)
     with pytest.raises(ValueError, match="AnyRes"):
@@ -244,8 +258,8 @@ def test_flops_count_the_newline(hf_dir):
 
 def test_config_yaml_matches_the_converter():
     """configs/llava_ov_0.5b.yaml describes what the converter builds from LLaVA-OV-0.5B's config
-    (its published dimensions, written out here; should the real file differ, e.g. in vocab_size,
-    loading the converted checkpoint fails naming the mis-shaped tensors)."""
+    (its published dimensions, written out here, vocabulary 152000 included; should the real file differ,
+    loading the converted checkpoint fails naming the config fields to set)."""
     import yaml
     from pathlib import Path
 
@@ -253,7 +267,7 @@ def test_config_yaml_matches_the_converter():
            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
                              "num_hidden_layers": 26, "num_attention_heads": 16, "image_size": 384, "patch_size": 14,
                              "vision_use_head": False},
-           "text_config": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+           "text_config": {"model_type": "qwen2", "vocab_size": 152000, "hidden_size": 896, "intermediate_size": 4864,
                            "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
                            "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
                            "use_sliding_window": False, "sliding_window": 32768}}

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from src.lit.module import warmup_cosine
 from src.models.decoder import DecoderConfig
@@ -21,3 +22,25 @@ def test_warmup_cosine_with_a_delayed_start():
 def test_odd_head_dim_is_rejected():
     with pytest.raises(ValueError, match="must be even"):
         DecoderConfig(d_model=36, n_heads=4)
+
+
+def test_freeze_embeddings_keeps_the_vocabulary_matrix_out_of_training(tiny_decoder_config):
+    """model.freeze_embeddings: no gradient for the (tied) embedding / LM head, and not in the optimizer."""
+    from types import SimpleNamespace
+
+    from src.lit.module import VisorLitModule
+    from src.models import LayerPlan, VisionEncoder, VisorLVLM
+    c = tiny_decoder_config
+    lvlm = VisorLVLM(VisionEncoder("test_byobnet", 2, 64), c, LayerPlan(c.n_layers, self_layers=[0], cross_layers=[1]))
+    module = VisorLitModule(lvlm, freeze_embeddings=True)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)  # what configure_optimizers reads
+    opt = module.configure_optimizers()["optimizer"]
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    emb = lvlm.decoder.embed_tokens.weight
+    assert id(emb) not in in_opt and not emb.requires_grad and lvlm.decoder.lm_head.weight is emb
+    assert len(in_opt) == sum(1 for p in lvlm.parameters() if p.requires_grad)
+    batch = {"images": torch.rand(2, 3, 64, 64), "input_ids": torch.randint(1, c.vocab_size, (2, 6)),
+             "labels": torch.randint(1, c.vocab_size, (2, 6))}
+    loss, _ = module._loss(batch)
+    loss.backward()
+    assert emb.grad is None and lvlm.decoder.layers[0].mlp.up_proj.weight.grad is not None

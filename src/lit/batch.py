@@ -19,6 +19,9 @@ def query_index(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(answer.any(dim=1), first, torch.full_like(first, labels.shape[1] - 1))
 
 
-def batch_logits(lvlm: VisorLVLM, batch: dict, budget: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
-    """-> logits (B, T, vocab) at `budget` (None: the largest; an index; (B,) indices)."""
-    return lvlm(batch["images"], batch["input_ids"], budget=budget, query_index=query_index(batch["labels"]))
+def answer_logits(lvlm: VisorLVLM, batch: dict, budget: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
+    """-> logits (N, vocab) at the N answer positions (labels != -100, row-major) at `budget` (None:
+    the largest; an index; (B,) indices): the LM head runs only where the loss and metrics read it."""
+    labels = batch["labels"]
+    return lvlm(batch["images"], batch["input_ids"], budget=budget, query_index=query_index(labels),
+                logits_at=labels != -100)

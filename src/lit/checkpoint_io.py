@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -73,19 +73,37 @@ def export_checkpoint(model: VisorLVLM, out_dir: str | Path, manifest: dict) -> 
     return out_dir
 
 
-def load_base_checkpoint(model: VisorLVLM, path: str | Path,
-                         may_lack: Optional[Iterable[str]] = None) -> Dict[str, list]:
+def decoder_differences(model: VisorLVLM, checkpoint_dir: Path, field_prefix: str) -> List[str]:
+    """'set <field_prefix><field>: <checkpoint's value> (the model has <value>)' for every decoder size
+    the checkpoint's manifest.json records differently from `model` ([] without a manifest)."""
+    manifest = checkpoint_dir / "manifest.json"
+    if not manifest.exists():
+        return []
+    recorded = json.loads(manifest.read_text()).get("architecture", {}).get("decoder") or {}
+    ours = model.decoder.config.to_dict()
+    return [f"set {field_prefix}{key}: {json.dumps(value)} (the model has {json.dumps(ours[key])})"
+            for key, value in recorded.items() if key != "preset" and key in ours and ours[key] != value]
+
+
+def load_base_checkpoint(model: VisorLVLM, path: str | Path, may_lack: Optional[Iterable[str]] = None,
+                         field_prefix: str = "decoder.") -> Dict[str, list]:
     """Load an exported checkpoint into `model`. Every checkpoint tensor must land; the only model
     tensors the checkpoint may lack are `may_lack` (default: the ones VISOR adds to a base LVLM:
     cross sublayers, positional conv, router), which keep their initialisation (cross sublayers
     re-copied from their freshly loaded host layers). So a base loads into a VISOR model, and a
     universal VISOR checkpoint into the same model with a router (may_lack = the router's names).
-    Returns {"loaded": [...], "new": [...]}; raises CheckpointMismatch listing any other difference."""
+    Returns {"loaded": [...], "new": [...]}; raises CheckpointMismatch listing any other difference,
+    led by the config fields to set where the checkpoint's manifest records other decoder sizes
+    (`field_prefix`: where the caller's config keeps the decoder, e.g. model.lvlm.init_args.decoder.)."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    fixes = decoder_differences(model, path.parent, field_prefix)
+    if fixes:
+        raise CheckpointMismatch(f"{path.parent} was saved with other decoder sizes than the model's "
+                                 f"(its manifest.json):\n  " + "\n  ".join(fixes))
     base = load_file(str(path))
     target = model.state_dict()
     alias = _tied_alias(model)

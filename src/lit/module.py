@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from src.data.generator import TASKS
 from src.flops import SampleFlops, sample_flops
-from src.lit.batch import batch_logits
+from src.lit.batch import answer_logits
 from src.lit.checkpoint_io import load_base_checkpoint
 from src.lit.frozen import hold_eval
 from src.lit.predict import log_cache_report, prediction_rows, split_prompt
@@ -35,6 +35,7 @@ from src.models.lvlm import VisorLVLM
 from src.plots import to_tensorboard, xy_chart
 
 BUDGET_SAMPLING = ("largest", "uniform", "sandwich")
+FROZEN_EMBEDDINGS = ("lvlm.decoder.embed_tokens.", "lvlm.decoder.lm_head.")
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class VisorLitModule(L.LightningModule):
         lvlm: the model (class_path/init_args in YAML).
         base_checkpoint: a shipped base LVLM (safetensors) to convert; new VISOR parts keep their init.
         freeze_vision: keep the vision encoder frozen (and its norm statistics fixed).
+        freeze_embeddings: keep the token embedding (and a tied LM head, the same tensor) frozen. At a
+            real vocabulary its gradient is a dense vocab x d tensor every step whatever few rows the
+            batch used (Qwen2: 151936 x 896, about 1.8 s of a CPU training step).
         new_params_only_steps: for the first N steps train only the parameters the base lacks
             (cross sublayers, positional conv); then everything not frozen.
         lr, min_lr_ratio, warmup_steps, weight_decay, betas: AdamW with linear warmup, cosine decay.
@@ -61,6 +65,7 @@ class VisorLitModule(L.LightningModule):
         lvlm: VisorLVLM,
         base_checkpoint: Optional[str] = None,
         freeze_vision: bool = False,
+        freeze_embeddings: bool = False,
         new_params_only_steps: int = 0,
         lr: float = 2e-3,
         min_lr_ratio: float = 0.05,
@@ -100,7 +105,7 @@ class VisorLitModule(L.LightningModule):
                 raise FileNotFoundError(
                     f"model.base_checkpoint={base_checkpoint} does not exist: train a base with configs/base.yaml and "
                     "export it with `python -m src.export --config configs/base.yaml --ckpt <last.ckpt> --out <dir>`")
-            report = load_base_checkpoint(lvlm, base_checkpoint)
+            report = load_base_checkpoint(lvlm, base_checkpoint, field_prefix="model.lvlm.init_args.decoder.")
             self.new_params = ["lvlm." + n for n in report["new"]]
             if new_params_only_steps and not self.new_params:
                 raise ValueError("model.new_params_only_steps > 0 but the model adds no parameters to the base "
@@ -108,6 +113,9 @@ class VisorLitModule(L.LightningModule):
             log.info("loaded base %s: %d tensors; new: %d", base_checkpoint, len(report["loaded"]), len(report["new"]))
         if freeze_vision:
             lvlm.vision.requires_grad_(False)
+        if freeze_embeddings:
+            lvlm.decoder.embed_tokens.requires_grad_(False)
+            lvlm.decoder.lm_head.requires_grad_(False)
         self.tasks = list(tasks)
         self.val_task_acc = GroupedAccuracy(self.tasks)
         self.val_difficulty_acc = GroupedAccuracy(["easy", "hard"])
@@ -149,14 +157,16 @@ class VisorLitModule(L.LightningModule):
         stage2 = self.global_step >= n
         new = set(self.new_params)
         for name, p in self.named_parameters():
-            if name in new or (self.hparams.freeze_vision and name.startswith("lvlm.vision.")):
+            if name in new or (self.hparams.freeze_vision and name.startswith("lvlm.vision.")) or \
+                    (self.hparams.freeze_embeddings and name.startswith(FROZEN_EMBEDDINGS)):
                 continue
             p.requires_grad_(stage2)
 
     # -- steps ----------------------------------------------------------------------------------
     def _loss(self, batch: dict, budget: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        logits = batch_logits(self.lvlm, batch, budget)  # (B, T, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        logits = answer_logits(self.lvlm, batch, budget)  # (N answer tokens, vocab)
+        labels = batch["labels"]
+        loss = F.cross_entropy(logits.float(), labels[labels != -100])
         return loss, logits
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -302,7 +312,8 @@ class VisorLitModule(L.LightningModule):
         groups = {(is_new, decays): [] for is_new in (True, False) for decays in (True, False)}
         seen = set()
         for n, p in self.named_parameters():
-            if (h.freeze_vision and n.startswith("lvlm.vision.")) or id(p) in seen:
+            if (h.freeze_vision and n.startswith("lvlm.vision.")) or id(p) in seen or \
+                    (h.freeze_embeddings and n.startswith(FROZEN_EMBEDDINGS)):
                 continue
             seen.add(id(p))
             decays = weight_decays(n, p)
@@ -312,7 +323,9 @@ class VisorLitModule(L.LightningModule):
             if params:
                 param_groups.append({"params": params, "weight_decay": h.weight_decay if decays else 0.0})
                 starts.append(0 if is_new else h.new_params_only_steps)
-        opt = torch.optim.AdamW(param_groups, lr=h.lr, betas=h.betas)
+        # fused: one kernel over all tensors (0.11 s against foreach's 1.1 s for Qwen2-0.5B's 352 M
+        # non-embedding parameters on 2 CPU cores), the same update
+        opt = torch.optim.AdamW(param_groups, lr=h.lr, betas=h.betas, fused=True)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, [functools.partial(warmup_cosine, start=s, warmup=h.warmup_steps, total=total,

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 
 from src.data.generator import TASKS
 from src.flops import sample_flops
-from src.lit.batch import batch_logits, query_index
+from src.lit.batch import answer_logits, query_index
 from src.lit.checkpoint_io import load_base_checkpoint
 from src.lit.frozen import hold_eval
 from src.lit.predict import log_cache_report, prediction_rows, split_prompt
 from src.lit.policy_objectives import MovingAverageBaseline, pseudo_labels, reinforce_loss
-from src.metrics import GroupedAccuracy, accuracy_logs, exact_match
+from src.metrics import GroupedAccuracy, accuracy_logs, answer_nll, exact_match
 from src.models.generation import generate
 from src.models.lvlm import VisorLVLM
 from src.models.policy import select_budgets
@@ -93,7 +93,8 @@ class PolicyLitModule(L.LightningModule):
         self.save_hyperparameters(ignore=["lvlm"])
         self.lvlm = lvlm
         router = [n for n in lvlm.state_dict() if n.startswith("policy.")]  # weights and feature statistics
-        load_base_checkpoint(lvlm, universal_checkpoint, may_lack=router)
+        load_base_checkpoint(lvlm, universal_checkpoint, may_lack=router,
+                             field_prefix="model.init_args.lvlm.init_args.decoder.")
         for n, p in lvlm.named_parameters():
             p.requires_grad_(n.startswith("policy."))
         self.tasks = list(tasks)
@@ -152,16 +153,17 @@ class PolicyLitModule(L.LightningModule):
         return self._quality(logits, labels) - self.hparams.cost_weight * costs.gather(1, budgets[:, None]).squeeze(1)
 
     def _quality(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(B,) answer quality: exact match in {0, 1}, or minus the mean NLL of the answer tokens."""
+        """(B,) answer quality: exact match in {0, 1}, or minus the mean NLL of the answer tokens.
+        logits (N, vocab) at the answer positions of labels (B, T)."""
         if self.hparams.reward == "exact_match":
             return exact_match(logits, labels).float()
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
-        n = (labels != -100).sum(1).clamp_min(1)
-        return -(nll.sum(1) / n)
+        return -answer_nll(logits, labels)
 
     def _run(self, batch: dict, choose):
+        """-> (answer logits (N, vocab), router logits (B, K), budgets (B,))."""
+        labels = batch["labels"]
         return self.lvlm.routed(batch["images"], batch["input_ids"], self._prompt_mask(batch), choose,
-                                query_index(batch["labels"]))
+                                query_index(labels), logits_at=labels != -100)
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -170,7 +172,7 @@ class PolicyLitModule(L.LightningModule):
         costs = self._costs(self._budget_flops(batch))  # (B, K)
         if h.mode == "pseudo_label":
             with torch.no_grad():
-                scores = torch.stack([self._quality(batch_logits(self.lvlm, batch, k),
+                scores = torch.stack([self._quality(answer_logits(self.lvlm, batch, k),
                                                     batch["labels"]) for k in range(self.n_budgets)], dim=1)
             labels = pseudo_labels(scores, costs.mean(0), h.pseudo_label_rel)
             _, router_logits, _ = self._run(batch, lambda logits: labels)
@@ -183,7 +185,7 @@ class PolicyLitModule(L.LightningModule):
             if h.baseline == "greedy":
                 with torch.no_grad():
                     greedy = router_logits.argmax(-1)
-                    g_logits = batch_logits(self.lvlm, batch, greedy)
+                    g_logits = answer_logits(self.lvlm, batch, greedy)
                     base = self._reward(g_logits, batch["labels"], costs, greedy)
             else:
                 base = self.moving_baseline(reward)

@@ -9,6 +9,10 @@ Per layer kind (see LayerPlan):
   cross : text += gated cross-attn(text -> visual), then the ordinary layer over text only
   text  : the ordinary layer over text only                 (visual tokens not read)
 Text tokens are right-padded, so the causal mask alone keeps valid queries off padded keys.
+
+`Decoder.run_layers` is the model's one layer loop: training, the prefill (which fills a KVCache,
+src/models/kv_cache.py) and each cached decode step (which reads it) all go through it, so the
+plan, the per-sample budgets, the gated gather/scatter and FastV are read in one place.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from src.models.norm import RMSNorm
 from src.models.plan import LayerPlan
 from src.models.rope import apply_rope, rope_cos_sin
 from src.models.token_reduction import FastVReducer
-from src.ops.attention import causal_self_attention
+from src.models.kv_cache import KVCache, RowCache
+from src.ops.attention import causal_self_attention, decode_attention
 from src.ops.layer_skip import gather_rows, scatter_add_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -105,14 +110,25 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, S, d), cos/sin (S, hd) or (B or 1, 1, S, hd) -> (B, S, d); causal."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[RowCache] = None,
+                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, S, d), cos/sin (S, hd) or (B or 1, 1, S, hd) -> (B, S, d).
+
+        Without `slots`: causal over the S tokens (they fill cache slots 0..S-1 when a cache is given).
+        With slots (B,) int64 and S = 1 (a decode step): the token is stored at its slot and attends
+        to the cached slots up to it."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = causal_self_attention(q, k, v)  # (B, H, S, hd)
+        if cache is not None:
+            cache.write(k, v, slots)
+        if slots is None:
+            y = causal_self_attention(q, k, v)  # (B, H, S, hd)
+        else:
+            n = int(slots.max()) + 1
+            y = decode_attention(q, cache.k[:, :, :n], cache.v[:, :, :n], slots + 1)  # (B, H, 1, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
@@ -135,9 +151,10 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(c.d_model, c.norm_eps)
         self.mlp = SwiGLU(c)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, S, d) -> (B, S, d)."""
-        x = x + self.attn(self.input_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[RowCache] = None,
+                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, S, d) -> (B, S, d); cache/slots: see SelfAttention."""
+        x = x + self.attn(self.input_norm(x), cos, sin, cache, slots)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -265,53 +282,69 @@ class Decoder(nn.Module):
         budget: Optional[Union[int, torch.Tensor]] = None,
         visual_kv_lens: Optional[torch.Tensor] = None,
         query_index: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layers [start, end) -> (visual (B, V', d), text (B, T, d), positions (N, V'+T)), no final norm.
 
+        The one layer loop of the model: training, prefill and cached decoding all run here.
         positions (N, V+T) from `positions`. An optional self layer takes the self path for the
-        samples whose budget includes it and its `skip_kind` for the others: with mixed budgets the
-        active samples' rows are gathered, run and scattered back with the residual, so skipped
-        samples do no self-layer work. With `fastv`, layer K-1's attention from the query token
-        ranks the visual tokens and layers K.. see only the kept ones, at their own positions.
+        samples whose budget includes it and its `skip_kind` for the others: with mixed budgets each
+        group's rows are gathered, run and scattered back with the residual, so a sample does only
+        the work of its own path. With `fastv`, layer K-1's attention from the query token ranks the
+        visual tokens and layers K.. see only the kept ones, at their own positions.
+
+        cache: None (no cache); a KVCache holding fewer than `end` layers: a prefill, which appends
+        each layer's row groups (budgets fixed from here on); a full one: a decode step, text (B, 1, d)
+        the new token per sample at text slot cache.lengths, visual (B, 0, d), positions (B, 1) its
+        RoPE position; the row groups and the visual K/V come from the cache.
         """
         assert visual.dim() == 3 and text.dim() == 3, "visual (B, V, d) and text (B, T, d) expected"
         assert visual.shape[0] == text.shape[0] and visual.shape[2] == text.shape[2] == self.config.d_model
         B, T = visual.shape[0], text.shape[1]
         assert positions.dim() == 2 and positions.shape[0] in (1, B) and positions.shape[1] == visual.shape[1] + T, (
             f"positions must be (1 or B, V+T) = (1 or {B}, {visual.shape[1] + T}), got {tuple(positions.shape)}")
+        decoding = cache is not None and len(cache.layers) == self.config.n_layers
+        slots = None
+        if decoding:
+            assert visual.shape[1] == 0 and T == 1, "a decode step: visual (B, 0, d), text (B, 1, d)"
+            assert cache.lengths.shape == (B,), f"the cache holds {cache.lengths.shape[0]} samples, not {B}"
+            slots = cache.lengths
+            if int(slots.max()) >= cache.capacity:
+                raise RuntimeError(f"KV cache full: {cache.capacity} text slots per sample")
+        elif cache is not None:
+            assert len(cache.layers) == start, f"the cache holds {len(cache.layers)} layers, the prefill starts at {start}"
         if query_index is None:
             query_index = torch.full((B,), T - 1, dtype=torch.long, device=text.device)
         assert query_index.shape == (B,), f"query_index must be (B,) = ({B},), got {tuple(query_index.shape)}"
-        active = self._active(budget, B, text.device)  # (B, n_layers) bool
+        active = None if decoding else self._active(budget, B, text.device)  # (B, n_layers) bool
         cos, sin = self.rope(positions, text.dtype)
         for i in range(start, end):
+            if decoding:
+                caches = cache.layers[i]
+                groups = [(rc.kind, rc.rows) for rc in caches]
+            else:
+                groups = self._groups(i, active)
+                caches = None if cache is None else [self._new_row_cache(kind, rows, visual, cache) for kind, rows in groups]
+            if any(kind == "self" for kind, _ in groups) and visual_kv_lens is not None:
+                raise NotImplementedError("per-sample visual lengths are supported by cross layers only")
             scores = None
-            if self.fastv is not None and i == self.fastv.layer - 1:
+            if self.fastv is not None and i == self.fastv.layer - 1 and not decoding:
                 if visual_kv_lens is not None:
                     raise NotImplementedError("fastv with per-sample visual lengths (visual_kv_lens)")
                 self_on = (active[:, i] if i in self.plan.optional_self
                            else torch.full((B,), self.plan.kinds[i] == "self", device=text.device))
                 scores = self._visual_attention(i, self_on, visual, text, cos, sin, query_index)
-            kind, mixed = self.plan.kinds[i], None
-            if kind == "self" and i in self.plan.optional_self:
-                on = active[:, i]
-                n_on = int(on.sum())
-                if n_on == 0:
-                    kind = self.plan.skip_kind
-                elif n_on < B:
-                    mixed = on
-            if kind == "self" and visual_kv_lens is not None:
-                raise NotImplementedError("per-sample visual lengths are supported by cross layers only")
-            if mixed is not None:
-                visual, text = self._gated_self(i, visual, text, mixed, cos, sin)
-            else:
-                visual, text = self._layer(i, kind, visual, text, cos, sin, visual_kv_lens)
+            visual, text = self._run_groups(i, groups, visual, text, cos, sin, visual_kv_lens, caches, slots)
+            if cache is not None and not decoding:
+                cache.layers.append(caches)
             if scores is not None:
                 keep = self.fastv.select(scores)  # (B, V') ascending
                 visual = visual.gather(1, keep.unsqueeze(-1).expand(-1, -1, visual.shape[-1]))
                 vis_pos = positions[:, : scores.shape[1]].expand(B, -1).gather(1, keep)
                 positions = torch.cat([vis_pos, positions[:, scores.shape[1]:].expand(B, -1)], dim=1)
                 cos, sin = self.rope(positions, text.dtype)
+        if decoding:
+            cache.lengths = cache.lengths + 1
         return visual, text, positions
 
     def _visual_attention(self, i: int, self_on: torch.Tensor, visual, text, cos, sin, query_index) -> torch.Tensor:
@@ -346,49 +379,91 @@ class Decoder(nn.Module):
             scores = torch.where(self_on[:, None], scores, logits.float().softmax(-1)[:, :, 0].mean(1))
         return scores
 
-    def _active(self, budget, B: int, device: torch.device) -> torch.Tensor:
-        """(B, n_layers) bool: optional self layers on per sample (budget None: the largest)."""
+    def resolve_budgets(self, budget: Optional[Union[int, torch.Tensor]], B: int, device: torch.device) -> torch.Tensor:
+        """None (the largest) / a budget index / (B,) indices -> (B,) int64 budget indices, validated."""
+        n = self.plan.n_budgets
         if budget is None:
             budget = self.plan.largest_budget
         if isinstance(budget, int):
+            if not 0 <= budget < n:
+                raise IndexError(f"budget {budget} out of range [0, {n})")
+            return torch.full((B,), budget, dtype=torch.long, device=device)
+        if not (isinstance(budget, torch.Tensor) and budget.shape == (B,) and not budget.is_floating_point()):
+            raise ValueError(f"budget must be None, an int or a (B,) = ({B},) integer tensor; got {budget!r}")
+        if not torch.compiler.is_compiling() and bool(((budget < 0) | (budget >= n)).any()):
+            raise IndexError(f"budget values {budget.tolist()} out of range [0, {n})")
+        return budget.to(device=device, dtype=torch.long)
+
+    def _active(self, budget, B: int, device: torch.device) -> torch.Tensor:
+        """(B, n_layers) bool: optional self layers on per sample (budget None: the largest)."""
+        if budget is None or isinstance(budget, int):  # one budget for all: a broadcast row, no gather
+            budget = self.plan.largest_budget if budget is None else budget
             if not 0 <= budget < self.plan.n_budgets:
                 raise IndexError(f"budget {budget} out of range [0, {self.plan.n_budgets})")
             return self.budget_members[budget].to(device).expand(B, -1)
-        assert budget.shape == (B,) and not budget.is_floating_point(), (
-            f"budget must be an int or a (B,) = ({B},) integer tensor, got {tuple(budget.shape)} {budget.dtype}")
-        return self.budget_members.to(device)[budget.long()]
+        return self.budget_members.to(device)[self.resolve_budgets(budget, B, device)]
 
-    def _layer(self, i: int, kind: str, visual, text, cos, sin, visual_kv_lens):
-        """Layer i as `kind` for the whole batch -> (visual, text)."""
-        V = visual.shape[1]
-        if kind == "self":
-            x = self.layers[i](torch.cat([visual, text], dim=1), cos, sin)  # (B, V+T, d)
-            return x[:, :V], x[:, V:]
-        if kind == "cross":
-            text = self.cross[str(i)](text, visual, visual_kv_lens, rope_text=(cos[..., V:, :], sin[..., V:, :]),
-                                      rope_visual=(cos[..., :V, :], sin[..., :V, :]))  # (B, T, d)
-        return visual, self.layers[i](text, cos[..., V:, :], sin[..., V:, :])  # text keeps its positions in every kind
+    def _groups(self, i: int, active: torch.Tensor) -> List[Tuple[str, Optional[torch.Tensor]]]:
+        """Layer i's row groups [(kind, rows (B_g,) int64 or None for every sample)]; active (B, n_layers)."""
+        kind = self.plan.kinds[i]
+        if kind != "self" or i not in self.plan.optional_self:
+            return [(kind, None)]
+        on = active[:, i]
+        n_on = int(on.sum())
+        if n_on == on.shape[0]:
+            return [("self", None)]
+        if n_on == 0:
+            return [(self.plan.skip_kind, None)]
+        return [("self", on.nonzero().squeeze(1)), (self.plan.skip_kind, (~on).nonzero().squeeze(1))]
 
-    def _gated_self(self, i: int, visual, text, on: torch.Tensor, cos, sin):
-        """Optional self layer i with per-sample gates on (B,) bool: self path on the `on` rows, the
-        skip kind on the others; each result is added back to the residual stream in place of rows."""
+    def _new_row_cache(self, kind: str, rows: Optional[torch.Tensor], visual: torch.Tensor, cache: KVCache) -> RowCache:
+        c = self.config
+        n_rows = visual.shape[0] if rows is None else rows.numel()
+        n_visual = visual.shape[1] if kind == "self" else 0
+        return RowCache.empty(kind, rows, n_rows, c.n_kv_heads, c.head_dim, n_visual, cache.capacity, visual)
+
+    def _run_groups(self, i: int, groups, visual, text, cos, sin, visual_kv_lens, caches, slots):
+        """Layer i over its row groups -> (visual, text). One group: the whole batch. Two (an optional
+        self layer with mixed budgets): each group's rows are gathered and run as its kind, and the
+        change is added back to the residual stream (visual changes only on the self rows)."""
+        if len(groups) == 1:
+            rc = None if caches is None else caches[0]
+            return self._layer(i, groups[0][0], visual, text, cos, sin, visual_kv_lens, rc, slots)
         B, V, d = visual.shape
         T = text.shape[1]
-        idx_on, idx_off = on.nonzero().squeeze(1), (~on).nonzero().squeeze(1)
         v_flat, t_flat = visual.reshape(B, V * d), text.reshape(B, T * d)
-        v_on = gather_rows(v_flat, idx_on).view(-1, V, d)
-        t_on = gather_rows(t_flat, idx_on).view(-1, T, d)
-        def rows(idx):  # per-sample RoPE tables follow their samples
-            return (cos, sin) if cos.shape[0] == 1 else (cos[idx], sin[idx])
+        v_out, t_out = v_flat, t_flat
+        for g, (kind, idx) in enumerate(groups):
+            v_g = gather_rows(v_flat, idx).view(-1, V, d) if V else visual[: idx.numel()]
+            t_g = gather_rows(t_flat, idx).view(-1, T, d)
+            cos_g, sin_g = (cos, sin) if cos.shape[0] == 1 else (cos[idx], sin[idx])  # per-sample RoPE follows its rows
+            v_new, t_new = self._layer(i, kind, v_g, t_g, cos_g, sin_g, None, None if caches is None else caches[g],
+                                       None if slots is None else slots[idx])
+            if kind == "self" and V:
+                v_out = scatter_add_rows(v_out, idx, (v_new - v_g).reshape(-1, V * d))
+            t_out = scatter_add_rows(t_out, idx, (t_new - t_g).reshape(-1, T * d))
+        return v_out.view(B, V, d), t_out.view(B, T, d)
 
-        v_new, t_new = self._layer(i, "self", v_on, t_on, *rows(idx_on), None)
-        v_off = gather_rows(v_flat, idx_off).view(-1, V, d)
-        t_off = gather_rows(t_flat, idx_off).view(-1, T, d)
-        _, t_off_new = self._layer(i, self.plan.skip_kind, v_off, t_off, *rows(idx_off), None)
-        visual = scatter_add_rows(v_flat, idx_on, (v_new - v_on).reshape(-1, V * d)).view(B, V, d)
-        t_flat = scatter_add_rows(t_flat, idx_on, (t_new - t_on).reshape(-1, T * d))
-        text = scatter_add_rows(t_flat, idx_off, (t_off_new - t_off).reshape(-1, T * d)).view(B, T, d)
-        return visual, text
+    def _layer(self, i: int, kind: str, visual, text, cos, sin, visual_kv_lens, rc: Optional[RowCache] = None,
+               slots: Optional[torch.Tensor] = None):
+        """Layer i as `kind` for a group's rows -> (visual, text); visual changes only under `self`.
+        rc: the group's cache (filled at prefill, read at a decode step, where visual is (B_g, 0, d));
+        slots (B_g,): the decode step's text slots."""
+        V = visual.shape[1]
+        if kind == "self":
+            x = self.layers[i](torch.cat([visual, text], dim=1), cos, sin, rc,
+                               None if slots is None else slots + rc.n_visual)  # (B, V+T, d)
+            return x[:, :V], x[:, V:]
+        if kind == "cross":
+            cross = self.cross[str(i)]
+            if rc is not None and rc.cross_k is not None:  # a decode step: the visual K/V from the prefill
+                k, v = rc.cross_k, rc.cross_v
+            else:
+                k, v = cross.visual_kv(visual, cos[..., :V, :], sin[..., :V, :])  # (B, Hkv, V, hd)
+                if rc is not None:
+                    rc.cross_k, rc.cross_v = k, v
+            text = cross.attend(text, cross.queries(text, cos[..., V:, :], sin[..., V:, :]), k, v, visual_kv_lens)
+        return visual, self.layers[i](text, cos[..., V:, :], sin[..., V:, :], rc, slots)  # text keeps its positions
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         """The unmodified LLM over one sequence: x (B, S, d) -> final hidden states (B, S, d).

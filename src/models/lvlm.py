@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from src.models.decoder import Decoder, DecoderConfig
+from src.models.kv_cache import KVCache
 from src.models.plan import LayerPlan
 from src.models.policy import BudgetPolicy
 from src.models.projector import Projector, VisualPosConv
@@ -103,35 +104,70 @@ class VisorLVLM(nn.Module):
                                            self.text_start)
         return visual, text, positions
 
+    def hidden_states(self, images: torch.Tensor, input_ids: torch.Tensor,
+                      budget: Optional[Union[int, torch.Tensor]] = None,
+                      query_index: Optional[torch.Tensor] = None,
+                      choose: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                      prompt_mask: Optional[torch.Tensor] = None,
+                      cache: Optional[KVCache] = None,
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[Union[int, torch.Tensor]]]:
+        """The one way a prompt goes through the model (training, validation, routing, prefill).
+
+        images (B, 3, H, W), input_ids (B, T) right-padded; budget None (largest) / index / (B,)
+        indices; query_index (B,): the last prompt token (fastv ranks by its attention; default T-1).
+        choose: route instead: the layers before the first optional self layer run, then the router
+        on their hidden states (prompt_mask (B, T) bool marks the question tokens it pools), then
+        `choose(router logits (B, K)) -> budgets (B,)` sets the budgets of the rest. cache: a fresh
+        KVCache to fill (a prefill).
+        -> (text hidden states after the final norm (B, T, d), router logits (B, K) or None, the budget run).
+        """
+        dec = self.decoder
+        visual, text, positions = self.prepare_inputs(images, input_ids)
+        start, router_logits = 0, None
+        if choose is not None:
+            if self.policy is None or self.plan.first_optional is None:
+                raise ValueError("routing needs a policy (model.lvlm.init_args.policy_hidden) and optional self "
+                                 "layers (plan.optional_self)")
+            assert prompt_mask is not None and prompt_mask.shape == input_ids.shape, (
+                f"prompt_mask must be (B, T) = {tuple(input_ids.shape)}")
+            start = self.plan.first_optional
+            visual, text, positions = dec.run_layers(visual, text, 0, start, positions, query_index=query_index,
+                                                     cache=cache)
+            router_logits = self.policy(text, prompt_mask, visual)  # (B, K)
+            budget = choose(router_logits)
+        _, text, _ = dec.run_layers(visual, text, start, dec.config.n_layers, positions, budget,
+                                    query_index=query_index, cache=cache)
+        return dec.norm(text), router_logits, budget
+
+    def logits(self, hidden: torch.Tensor, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The LM head where its logits are used: hidden (B, T, d) -> (B, T, vocab), or with logits_at
+        (B, T) bool only at those positions -> (N, vocab), row-major (N = logits_at.sum()). At a real
+        vocabulary (151936 x 896) the head over every text position is a large part of a lean
+        model's prefill and of a training step's backward."""
+        if logits_at is None:
+            return self.decoder.lm_head(hidden)
+        assert logits_at.shape == hidden.shape[:2] and logits_at.dtype == torch.bool, (
+            f"logits_at must be (B, T) = {tuple(hidden.shape[:2])} bool, got {tuple(logits_at.shape)} {logits_at.dtype}")
+        return self.decoder.lm_head(hidden[logits_at])
+
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
                 budget: Optional[Union[int, torch.Tensor]] = None,
-                query_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                query_index: Optional[torch.Tensor] = None,
+                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """images (B, 3, H, W), input_ids (B, T) right-padded, budget None (largest) / index / (B,)
         indices, query_index (B,) the last prompt token (fastv ranks by its attention; default T-1)
-        -> logits (B, T, vocab)."""
-        visual, text, positions = self.prepare_inputs(images, input_ids)
-        hidden, _ = self.decoder(visual, text, budget=budget, positions=positions, query_index=query_index)
-        return self.decoder.lm_head(hidden)
+        -> logits (B, T, vocab), or (N, vocab) at the positions of logits_at (B, T) bool."""
+        hidden, _, _ = self.hidden_states(images, input_ids, budget, query_index)
+        return self.logits(hidden, logits_at)
 
     def routed(self, images: torch.Tensor, input_ids: torch.Tensor, prompt_mask: torch.Tensor,
                choose: Callable[[torch.Tensor], torch.Tensor],
-               query_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run with the router: layers before the first optional self layer, then the router on their
-        hidden states (prompt_mask (B, T) bool marks the question tokens it pools), then
-        `choose(router logits (B, K)) -> budgets (B,)`, then the rest at those budgets.
-        -> (logits (B, T, vocab), router logits (B, K), budgets (B,))."""
-        if self.policy is None or self.plan.first_optional is None:
-            raise ValueError("routed(): the model has no policy (model.lvlm.init_args.policy_hidden) or the plan "
-                             "no optional self layers (plan.optional_self)")
-        dec = self.decoder
-        visual, text, positions = self.prepare_inputs(images, input_ids)
-        first = self.plan.first_optional
-        visual, text, positions = dec.run_layers(visual, text, 0, first, positions, query_index=query_index)
-        router_logits = self.policy(text, prompt_mask, visual)  # (B, K)
-        budgets = choose(router_logits)
-        visual, text, _ = dec.run_layers(visual, text, first, dec.config.n_layers, positions, budgets,
-                                         query_index=query_index)
-        return dec.lm_head(dec.norm(text)), router_logits, budgets
+               query_index: Optional[torch.Tensor] = None,
+               logits_at: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run with the router (see `hidden_states`) -> (logits (B, T, vocab) or (N, vocab) at
+        logits_at, router logits (B, K), budgets (B,))."""
+        hidden, router_logits, budgets = self.hidden_states(images, input_ids, None, query_index, choose, prompt_mask)
+        return self.logits(hidden, logits_at), router_logits, budgets
 
     def generate(self, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 16, **kwargs):

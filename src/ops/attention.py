@@ -1,6 +1,7 @@
 """The single attention dispatch point of the model.
 
-Every attention in the decoder goes through `causal_self_attention` or `cross_attention`.
+Every attention in the decoder goes through `causal_self_attention`, `cross_attention` or (a cached
+decode step) `decode_attention`.
 Cross-attention (text over image) runs the fused `visor::cross_attention` op from `csrc/` when the
 extension is built, its pure-PyTorch reference otherwise (src/ops/cross_attention.py). Causal
 self-attention uses `torch.nn.functional.scaled_dot_product_attention`.
@@ -33,3 +34,22 @@ def cross_attention(
     -> (B, H, T, hd). A sample with kv_lens == 0 gets a zero output.
     """
     return cross_attention_with_lse(q, k, v, kv_lens)[0]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """One new query per sample over its cached keys (a decode step).
+
+    q (B, H, 1, hd); k, v (B, Hkv, N, hd) with H % Hkv == 0; lengths (B,) int64 in [1, N]: sample b
+    sees slots 0..lengths[b]-1 -> (B, H, 1, hd). The G = H / Hkv query heads of a KV head are one
+    (G, hd) x (hd, N) product, so each cached key is read once (no repeat over the group), which is
+    what a memory-bound decode step pays for."""
+    check_heads(q, k, v)
+    B, H, one, hd = q.shape
+    assert one == 1 and lengths.shape == (B,), f"q (B, H, 1, hd) and lengths (B,) expected, got {tuple(q.shape)}"
+    Hkv, N = k.shape[1], k.shape[2]
+    scores = q.reshape(B, Hkv, H // Hkv, hd) @ k.transpose(-1, -2)  # (B, Hkv, G, N)
+    scores = scores.float() * hd ** -0.5
+    if bool((lengths < N).any()):
+        hidden = torch.arange(N, device=q.device)[None, :] >= lengths[:, None]  # (B, N)
+        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).reshape(B, H, 1, hd)
