@@ -231,7 +231,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 SMALL_DATA = ["--data.train_images", "2", "--data.val_images", "1", "--data.images_per_shard", "4",
               "--data.num_workers", "0", "--data.val_batch_size", "8", "--data.image_size", "64"]
 FIELDS = {"id", "question", "answer", "prediction", "budget", "gflops", "gflops_total", "correct", "task",
-          "difficulty", "budget_layers", "prompt_tokens", "generated_tokens"}
+          "difficulty", "budget_layers", "prompt_tokens", "generated_tokens", "generated_ids"}
 
 
 def _export(tmp_path, plan, pos_conv):
@@ -267,6 +267,8 @@ def test_cli_predict_writes_jsonl(tmp_path, monkeypatch):
     rows = _read_jsonl(out, cli)
     lvlm = cli.model.lvlm
     assert all(r["budget"] == 0 and r["budget_layers"] == "SCCTCC" and 1 <= r["generated_tokens"] <= 3 for r in rows)
+    assert all(len(r["generated_ids"]) == r["generated_tokens"] and all(isinstance(t, int) for t in r["generated_ids"])
+               for r in rows)
     r = rows[0]
     assert r["gflops"] == pytest.approx(sample_flops(lvlm, r["prompt_tokens"], 0).llm / 1e9)
     # the question is the prompt's question span (no <bos>/<sep>), the answer what the labels supervise

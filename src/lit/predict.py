@@ -117,7 +117,9 @@ def prediction_rows(lvlm, batch: dict, prompt: torch.Tensor, prompt_lens: torch.
             "id": f"{key}/{n}", "question": question, "answer": answer, "prediction": prediction,
             "correct": bool(correct), "task": batch.get("task", [None] * B)[b],
             "difficulty": batch.get("difficulty", [None] * B)[b], "budget": k, "budget_layers": plan.budget_name(k),
-            "prompt_tokens": P, "generated_tokens": len(new), "gflops": flops.llm / 1e9,
+            "prompt_tokens": P, "generated_tokens": len(new), "generated_ids": new,  # eos included: an empty or
+            # odd prediction can be diagnosed from the file
+            "gflops": flops.llm / 1e9,
             "gflops_total": flops.total / 1e9,
         })
     return rows
