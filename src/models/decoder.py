@@ -382,25 +382,25 @@ class Decoder(nn.Module):
     def resolve_budgets(self, budget: Optional[Union[int, torch.Tensor]], B: int, device: torch.device) -> torch.Tensor:
         """None (the largest) / a budget index / (B,) indices -> (B,) int64 budget indices, validated."""
         n = self.plan.n_budgets
-        if budget is None:
-            budget = self.plan.largest_budget
-        if isinstance(budget, int):
-            if not 0 <= budget < n:
-                raise IndexError(f"budget {budget} out of range [0, {n})")
-            return torch.full((B,), budget, dtype=torch.long, device=device)
+        if budget is None or isinstance(budget, int):
+            return torch.full((B,), self._one_budget(budget), dtype=torch.long, device=device)
         if not (isinstance(budget, torch.Tensor) and budget.shape == (B,) and not budget.is_floating_point()):
             raise ValueError(f"budget must be None, an int or a (B,) = ({B},) integer tensor; got {budget!r}")
         if not torch.compiler.is_compiling() and bool(((budget < 0) | (budget >= n)).any()):
             raise IndexError(f"budget values {budget.tolist()} out of range [0, {n})")
         return budget.to(device=device, dtype=torch.long)
 
+    def _one_budget(self, budget: Optional[int]) -> int:
+        """None (the largest) or one budget index for the whole batch -> that index, validated."""
+        budget = self.plan.largest_budget if budget is None else budget
+        if not 0 <= budget < self.plan.n_budgets:
+            raise IndexError(f"budget {budget} out of range [0, {self.plan.n_budgets})")
+        return budget
+
     def _active(self, budget, B: int, device: torch.device) -> torch.Tensor:
         """(B, n_layers) bool: optional self layers on per sample (budget None: the largest)."""
         if budget is None or isinstance(budget, int):  # one budget for all: a broadcast row, no gather
-            budget = self.plan.largest_budget if budget is None else budget
-            if not 0 <= budget < self.plan.n_budgets:
-                raise IndexError(f"budget {budget} out of range [0, {self.plan.n_budgets})")
-            return self.budget_members[budget].to(device).expand(B, -1)
+            return self.budget_members[self._one_budget(budget)].to(device).expand(B, -1)
         return self.budget_members.to(device)[self.resolve_budgets(budget, B, device)]
 
     def _groups(self, i: int, active: torch.Tensor) -> List[Tuple[str, Optional[torch.Tensor]]]:
