@@ -44,3 +44,25 @@ def test_freeze_embeddings_keeps_the_vocabulary_matrix_out_of_training(tiny_deco
     loss, _ = module._loss(batch)
     loss.backward()
     assert emb.grad is None and lvlm.decoder.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_the_summary_counts_the_phase_trainable_parameters(base_export):
+    """With new_params_only_steps, the flags of stage 1 are set at setup, before Lightning's model
+    summary: it reports the new parts (cross sublayers, positional conv), not the whole model."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from src.lit.module import VisorLitModule
+    from src.models import DecoderConfig, LayerPlan, VisionEncoder, VisorLVLM
+    lvlm = VisorLVLM(VisionEncoder("lcnet_075", 2, 128, pos_embed="sincos", feature_norm=True),
+                     DecoderConfig(preset="tiny"), LayerPlan(6, self_layers=[0], cross_layers=[1, 3]))
+    module = VisorLitModule(lvlm, base_checkpoint=base_export, freeze_vision=True, new_params_only_steps=2)
+    module._trainer = SimpleNamespace(datamodule=None, global_step=0, precision="32-true")
+    new = sum(p.numel() for n, p in module.named_parameters() if n in set(module.new_params))
+    everything = sum(p.numel() for n, p in module.named_parameters() if not n.startswith("lvlm.vision."))
+    module.setup("fit")
+    assert 0 < new < everything and ModelSummary(module).trainable_parameters == new
+    module._trainer.global_step = 2
+    module._set_stage()
+    assert ModelSummary(module).trainable_parameters == everything

@@ -129,6 +129,7 @@ class VisorLitModule(L.LightningModule):
         self.tokenizer = None  # the datamodule's, from setup(); predict decodes with it
         self._predict_seen: Counter = Counter()
         self._val_flops: List[SampleFlops] = []
+        self._stage2: Optional[bool] = None  # the training stage the requires_grad flags are set for
 
     # -- modes ----------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -148,6 +149,8 @@ class VisorLitModule(L.LightningModule):
         if dm is not None and getattr(dm.hparams, "image_size", None) not in (None, self.lvlm.vision.image_size):
             raise ValueError(f"data.image_size={dm.hparams.image_size} differs from "
                              f"model.lvlm.init_args.vision.init_args.image_size={self.lvlm.vision.image_size}")
+        if stage == "fit":
+            self._set_stage()  # before Lightning's model summary, so it counts this phase's trainable parameters
 
     def _set_stage(self) -> None:
         """Stage 1 (new parameters only) for the first `new_params_only_steps` steps, then stage 2."""
@@ -155,12 +158,18 @@ class VisorLitModule(L.LightningModule):
         if not n:
             return
         stage2 = self.global_step >= n
+        if self._stage2 == stage2:
+            return
+        self._stage2 = stage2
         new = set(self.new_params)
         for name, p in self.named_parameters():
             if name in new or (self.hparams.freeze_vision and name.startswith("lvlm.vision.")) or \
                     (self.hparams.freeze_embeddings and name.startswith(FROZEN_EMBEDDINGS)):
                 continue
             p.requires_grad_(stage2)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        log.info("step %d: stage %d, %s trainable parameters (%s)", self.global_step, 2 if stage2 else 1,
+                 f"{trainable:,}", "all not frozen" if stage2 else "the new parts only")
 
     # -- steps ----------------------------------------------------------------------------------
     def _loss(self, batch: dict, budget: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
