@@ -112,7 +112,7 @@ def last_token_attention(model: VisorLVLM, images: torch.Tensor, prompt_ids: tor
     assert prompt_ids.dim() == 2 and prompt_ids.shape[0] == images.shape[0], (
         f"prompt_ids must be (B={images.shape[0]}, P), got {tuple(prompt_ids.shape)}")
     dec = model.decoder
-    visual, _ = model.encode_images(images)  # (B, V, d)
+    visual = model.encode_images(images).tokens  # (B, V, d)
     x = torch.cat([visual, dec.embed_tokens(prompt_ids)], dim=1)  # (B, S, d)
     B, S, _ = x.shape
     cos, sin = rope_cos_sin(torch.arange(S), dec.config.head_dim, dec.config.rope_theta, x.dtype)
@@ -189,7 +189,7 @@ def probe(checkpoint: str, n_images: int, seed: int, batch: int = 25) -> dict:
         pairs = [p for _, p, _ in chunk]
         qas = [qa for _, _, qa in chunk]
         with torch.no_grad():
-            visual, _ = model.encode_images(images)
+            visual = model.encode_images(images).tokens
         for j, p in enumerate(pairs):
             for obj in (p["a"], p["b"]):
                 tokens.append(visual[j, center_token(obj["box"], grid, size)])

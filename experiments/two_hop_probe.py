@@ -119,7 +119,7 @@ def readout_targets(qas: List[List[dict]], form: str) -> Tuple[torch.Tensor, tor
 @torch.no_grad()
 def visual_tokens(model: VisorLVLM, images: List[torch.Tensor], batch: int = 100) -> torch.Tensor:
     """-> the decoder's visual input (N, V, d) in half precision (encoder + projector, frozen)."""
-    out = [model.encode_images(torch.stack(images[i:i + batch]))[0].half()
+    out = [model.encode_images(torch.stack(images[i:i + batch])).tokens.half()
            for i in tqdm(range(0, len(images), batch), desc="visual tokens", unit="batch")]
     return torch.cat(out)
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from src.lit.checkpoint_io import architecture, exportable_state, git_commit, load_base_checkpoint
+from src.models.anyres import AnyRes
 from src.models.decoder import DecoderConfig
 from src.models.llava_ov import llava_ov_from_hf, lvlm_init_args
 from src.models.plan import LayerPlan
@@ -64,9 +65,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "source") -> d
         "dtype": dtype,
         "source": {"hf_dir": str(hf_dir), "config": source_config},
         "image_token_index": settings["image_token_index"],
-        "image_mode": "single crop: one image_size x image_size image (mean/std 0.5 inside the encoder, input in "
-                      "[0, 1]), its tokens then one image_newline; AnyRes tiling (image_grid_pinpoints) is not "
-                      "supported",
+        "image_mode": "AnyRes (src.models.anyres.TiledImages: a base crop and tiles per image, settings in "
+                      "lvlm_init_args.anyres) or one crop per image (its tokens then one image_newline); crops "
+                      "image_size x image_size in [0, 1], mean/std 0.5 inside the encoder",
         "commit": git_commit(),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
@@ -81,8 +82,9 @@ def load_converted(out_dir: str | Path, plan: Optional[LayerPlan] = None, pos_co
     args = json.loads((out_dir / "manifest.json").read_text())["lvlm_init_args"]
     dc = DecoderConfig(**args["decoder"])
     plan = plan or LayerPlan(n_layers=dc.n_layers, all_self=True)
+    anyres = AnyRes(**args["anyres"]) if args.get("anyres") else None
     model = VisorLVLM(SiglipVisionEncoder(**args["vision"]["init_args"]), dc, plan, pos_conv=pos_conv,
-                          cross_init=cross_init, image_newline=args["image_newline"]).to(dtype)
+                      cross_init=cross_init, image_newline=args["image_newline"], anyres=anyres).to(dtype)
     load_base_checkpoint(model, out_dir)
     return model.eval()
 

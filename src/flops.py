@@ -11,7 +11,7 @@ model), the projector and the LLM are analytical and cross-checked against it in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -107,15 +107,21 @@ def vision_flops_per_image(encoder) -> int:
     return encoder._flops_per_image
 
 
-def sample_flops(model, T: int, budget: Optional[int] = None) -> SampleFlops:
+def sample_flops(model, T: int, budget: Optional[int] = None,
+                 image_hw: Optional[Tuple[int, int]] = None) -> SampleFlops:
     """FLOPs for one sample with T text tokens through a VisorLVLM (inference, one forward) at
-    `budget` (an index into the plan's budgets; None: the largest)."""
+    `budget` (an index into the plan's budgets; None: the largest). image_hw: the original (height,
+    width) of an AnyRes image (its crops through the tower, its token count in the LLM); None: one crop."""
     c = model.decoder.config
-    V0 = model.vision.num_tokens
-    proj = 2 * V0 * (model.projector.fc1.in_features * c.d_model + c.d_model * c.d_model)
+    V0, crops, V = model.vision.num_tokens, 1, model.num_visual_tokens
+    if image_hw is not None:
+        if model.anyres is None:
+            raise ValueError("image_hw (an AnyRes image) given for a model built without anyres")
+        crops, V = model.anyres.n_crops(*image_hw), model.anyres.num_tokens(*image_hw)
+    proj = 2 * crops * V0 * (model.projector.fc1.in_features * c.d_model + c.d_model * c.d_model)
     if model.pos_conv is not None:
-        proj += 2 * V0 * c.d_model * model.pos_conv.conv.kernel_size[0]
-    reducer, V = model.token_reducer, model.num_visual_tokens
+        proj += 2 * (V if image_hw is not None else V0) * c.d_model * model.pos_conv.conv.kernel_size[0]
+    reducer = model.token_reducer
     kinds = budget_kinds(model.plan, budget)
     if reducer is None or not reducer.in_llm:
         if reducer is not None:
@@ -125,7 +131,7 @@ def sample_flops(model, T: int, budget: Optional[int] = None) -> SampleFlops:
         K = reducer.layer
         llm = llm_flops(c, kinds, [V] * K + [reducer.n_kept(V)] * (len(kinds) - K), T)
         llm += fastv_rank_flops(c, kinds[K - 1], V, T)
-    return SampleFlops(vision=vision_flops_per_image(model.vision), projector=proj, llm=llm)
+    return SampleFlops(vision=crops * vision_flops_per_image(model.vision), projector=proj, llm=llm)
 
 
 def budget_kinds(plan, budget: Optional[int] = None) -> List[str]:

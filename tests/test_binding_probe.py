@@ -29,7 +29,7 @@ def test_last_token_attention_is_what_the_layers_attend_with(base_export):
     # equals the layer's own attention sublayer.
     dec, layer = model.decoder, model.decoder.layers[0]
     with torch.no_grad():
-        visual, _ = model.encode_images(images)
+        visual = model.encode_images(images).tokens
         h = layer.input_norm(torch.cat([visual, dec.embed_tokens(prompt)], 1))
         from src.models.rope import rope_cos_sin
         cos, sin = rope_cos_sin(torch.arange(S), dec.config.head_dim, dec.config.rope_theta, h.dtype)

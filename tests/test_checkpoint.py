@@ -35,7 +35,7 @@ def test_base_to_visor_conversion_loads_every_tensor(tmp_path, tiny_decoder_conf
     base.load_state_dict({k: v.half().float() for k, v in base.state_dict().items()})
     base.eval(), visor.eval()
     with torch.no_grad():
-        assert torch.allclose(base.encode_images(images)[0], visor.encode_images(images)[0])
+        assert torch.allclose(base.encode_images(images).tokens, visor.encode_images(images).tokens)
 
 
 def test_mismatches_are_listed(tmp_path, tiny_decoder_config):

@@ -80,7 +80,7 @@ def test_logits_match_transformers(hf_model, hf_dir, pos_conv):
     images, text = inputs()
     with torch.no_grad():
         ref, ref_feats = hf_single_crop_logits(hf_model, images, text)
-        visual, positions = ours.encode_images(images)
+        visual, positions = ours.encode_images(images)[:2]  # tokens, positions
         logits = ours(images, text)  # (1, T, vocab)
     assert positions is None and visual.shape == (1, V + 1, 32)
     torch.testing.assert_close(visual[0], ref_feats, atol=1e-4, rtol=0)
@@ -172,7 +172,7 @@ def test_convert_keeps_the_source_dtype_by_default(hf_model, tmp_path):
 
 def test_anyres_input_rejected(hf_dir):
     ours, _ = llava_ov_from_hf(hf_dir)
-    with pytest.raises(ValueError, match="AnyRes"):
+    with pytest.raises(ValueError, match="TiledImages"):
         ours(torch.rand(1, 2, 3, IMAGE, IMAGE), torch.zeros(1, 3, dtype=torch.long))
 
 

@@ -111,12 +111,13 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[RowCache] = None,
-                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+                slots: Optional[torch.Tensor] = None, key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, S, d), cos/sin (S, hd) or (B or 1, 1, S, hd) -> (B, S, d).
 
         Without `slots`: causal over the S tokens (they fill cache slots 0..S-1 when a cache is given).
         With slots (B,) int64 and S = 1 (a decode step): the token is stored at its slot and attends
-        to the cached slots up to it."""
+        to the cached slots up to it. key_valid (B, S), or (B, cache slots) at a decode step, bool:
+        the keys that may be seen at all (None: every one; see `causal_self_attention`)."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
@@ -125,10 +126,11 @@ class SelfAttention(nn.Module):
         if cache is not None:
             cache.write(k, v, slots)
         if slots is None:
-            y = causal_self_attention(q, k, v)  # (B, H, S, hd)
+            y = causal_self_attention(q, k, v, key_valid)  # (B, H, S, hd)
         else:
             n = int(slots.max()) + 1
-            y = decode_attention(q, cache.k[:, :, :n], cache.v[:, :, :n], slots + 1)  # (B, H, 1, hd)
+            y = decode_attention(q, cache.k[:, :, :n], cache.v[:, :, :n], slots + 1,
+                                 None if key_valid is None else key_valid[:, :n])  # (B, H, 1, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
@@ -152,9 +154,9 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(c)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[RowCache] = None,
-                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, S, d) -> (B, S, d); cache/slots: see SelfAttention."""
-        x = x + self.attn(self.input_norm(x), cos, sin, cache, slots)
+                slots: Optional[torch.Tensor] = None, key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, S, d) -> (B, S, d); cache/slots/key_valid: see SelfAttention."""
+        x = x + self.attn(self.input_norm(x), cos, sin, cache, slots, key_valid)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -228,19 +230,25 @@ class Decoder(nn.Module):
 
     @staticmethod
     def positions(V: int, T: int, device: torch.device, visual_positions: Optional[torch.Tensor] = None,
-                  text_start: Optional[int] = None) -> torch.Tensor:
+                  text_start: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
         """RoPE positions of [visual; text] -> (N, V+T) int64, N = 1 or B.
 
         Default: visual 0..V-1, text V... `visual_positions` (B, V): the visual tokens' own
         positions (kept tokens of a token reducer keep their original ones); `text_start`: the
-        first text position (default V)."""
+        first text position, one for all (default V) or (B,) per sample (AnyRes images of different
+        token counts: each sample's text right after its own visual tokens)."""
         text_start = V if text_start is None else text_start
-        text_pos = torch.arange(text_start, text_start + T, device=device)
+        if isinstance(text_start, torch.Tensor):
+            assert text_start.dim() == 1, f"text_start must be an int or (B,), got {tuple(text_start.shape)}"
+            text_pos = text_start.to(device)[:, None] + torch.arange(T, device=device)  # (B, T)
+        else:
+            text_pos = torch.arange(text_start, text_start + T, device=device)[None]  # (1, T)
         if visual_positions is None:
-            return torch.cat([torch.arange(V, device=device), text_pos]).unsqueeze(0)
+            visual_positions = torch.arange(V, device=device)[None]
         assert visual_positions.dim() == 2 and visual_positions.shape[1] == V, (
             f"visual_positions must be (B, V={V}), got {tuple(visual_positions.shape)}")
-        return torch.cat([visual_positions, text_pos.expand(visual_positions.shape[0], -1)], dim=1)
+        N = max(visual_positions.shape[0], text_pos.shape[0])
+        return torch.cat([visual_positions.expand(N, -1), text_pos.expand(N, -1)], dim=1)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """positions (N, S) -> cos, sin (N, 1, S, hd) (N = 1 or B; broadcast over heads)."""
@@ -259,7 +267,7 @@ class Decoder(nn.Module):
         """Run the plan.
 
         visual (B, V, d): projected visual tokens; text (B, T, d): embedded text tokens;
-        visual_kv_lens (B,) or None: valid visual tokens per sample (cross layers only);
+        visual_kv_lens (B,) or None: valid visual tokens per sample, padding after them (hidden from every attention);
         budget: None (the largest), a budget index for the whole batch, or (B,) int64 indices;
         positions (N, V+T) from `positions` (default: 0..V+T-1); query_index (B,) int64: the
         last prompt token per sample, whose attention ranks visual tokens for fastv (default T-1).
@@ -296,7 +304,7 @@ class Decoder(nn.Module):
         cache: None (no cache); a KVCache holding fewer than `end` layers: a prefill, which appends
         each layer's row groups (budgets fixed from here on); a full one: a decode step, text (B, 1, d)
         the new token per sample at text slot cache.lengths, visual (B, 0, d), positions (B, 1) its
-        RoPE position; the row groups and the visual K/V come from the cache.
+        RoPE position; the row groups, the visual K/V and the visual lengths come from the cache.
         """
         assert visual.dim() == 3 and text.dim() == 3, "visual (B, V, d) and text (B, T, d) expected"
         assert visual.shape[0] == text.shape[0] and visual.shape[2] == text.shape[2] == self.config.d_model
@@ -311,6 +319,7 @@ class Decoder(nn.Module):
             slots = cache.lengths
             if int(slots.max()) >= cache.capacity:
                 raise RuntimeError(f"KV cache full: {cache.capacity} text slots per sample")
+            visual_kv_lens = cache.visual_lens
         elif cache is not None:
             assert len(cache.layers) == start, f"the cache holds {len(cache.layers)} layers, the prefill starts at {start}"
         if query_index is None:
@@ -325,8 +334,6 @@ class Decoder(nn.Module):
             else:
                 groups = self._groups(i, active)
                 caches = None if cache is None else [self._new_row_cache(kind, rows, visual, cache) for kind, rows in groups]
-            if any(kind == "self" for kind, _ in groups) and visual_kv_lens is not None:
-                raise NotImplementedError("per-sample visual lengths are supported by cross layers only")
             scores = None
             if self.fastv is not None and i == self.fastv.layer - 1 and not decoding:
                 if visual_kv_lens is not None:
@@ -437,8 +444,9 @@ class Decoder(nn.Module):
             v_g = gather_rows(v_flat, idx).view(-1, V, d) if V else visual[: idx.numel()]
             t_g = gather_rows(t_flat, idx).view(-1, T, d)
             cos_g, sin_g = (cos, sin) if cos.shape[0] == 1 else (cos[idx], sin[idx])  # per-sample RoPE follows its rows
-            v_new, t_new = self._layer(i, kind, v_g, t_g, cos_g, sin_g, None, None if caches is None else caches[g],
-                                       None if slots is None else slots[idx])
+            v_new, t_new = self._layer(i, kind, v_g, t_g, cos_g, sin_g,
+                                       None if visual_kv_lens is None else visual_kv_lens[idx],
+                                       None if caches is None else caches[g], None if slots is None else slots[idx])
             if kind == "self" and V:
                 v_out = scatter_add_rows(v_out, idx, (v_new - v_g).reshape(-1, V * d))
             t_out = scatter_add_rows(t_out, idx, (t_new - t_g).reshape(-1, T * d))
@@ -451,8 +459,13 @@ class Decoder(nn.Module):
         slots (B_g,): the decode step's text slots."""
         V = visual.shape[1]
         if kind == "self":
+            key_valid = None
+            if visual_kv_lens is not None:  # keys on the visual padding are hidden
+                n_visual, n_slots = (V, V + text.shape[1]) if slots is None else (rc.n_visual, rc.k.shape[2])
+                slot = torch.arange(n_slots, device=text.device)
+                key_valid = (slot >= n_visual) | (slot < visual_kv_lens[:, None])  # (B, n_slots)
             x = self.layers[i](torch.cat([visual, text], dim=1), cos, sin, rc,
-                               None if slots is None else slots + rc.n_visual)  # (B, V+T, d)
+                               None if slots is None else slots + rc.n_visual, key_valid)  # (B, V+T, d)
             return x[:, :V], x[:, V:]
         if kind == "cross":
             cross = self.cross[str(i)]

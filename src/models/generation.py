@@ -23,7 +23,9 @@ as every sample alone.
 
 FastV (`decoder.fastv`): the drop happens at the prefill, ranked by the attention of each sample's
 last prompt token, and layers K.. cache only the kept visual tokens (at their own RoPE positions).
-Per-sample visual lengths (`visual_kv_lens`) are not supported (the LVLM forward never uses them).
+AnyRes images of different token counts (`TiledImages`): each sample's visual slots are padded
+after its own tokens, the padding hidden from every attention at prefill and decode
+(`KVCache.visual_lens`), and its text starts right after its tokens (`KVCache.text_start`).
 The model should be in eval mode (generation does not change it).
 """
 from __future__ import annotations
@@ -58,7 +60,7 @@ def prefill(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: to
             ) -> Tuple[torch.Tensor, KVCache, torch.Tensor, Optional[torch.Tensor]]:
     """Run the right-padded prompts once, filling a cache of `capacity` text slots per sample.
 
-    images (B, 3, H, W); input_ids (B, P) right-padded; prompt_lens (B,) int64 in [1, P];
+    images (B, 3, S, S) or TiledImages; input_ids (B, P) right-padded; prompt_lens (B,) int64 in [1, P];
     budget: None (largest) | index | (B,) indices | 'policy' (router argmax) | a callable
     router logits (B, K) -> budgets (B,) (e.g. `select_budgets` with a mode);
     prompt_mask (B, P) bool: the tokens the router pools (default: each sample's prompt).
@@ -84,7 +86,7 @@ def prefill(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: to
         budget = dec.resolve_budgets(budget, B, device)
     if choose is not None and prompt_mask is None:
         prompt_mask = torch.arange(P, device=device)[None, :] < prompt_lens[:, None]
-    text_start = torch.full((B,), lvlm.text_start, dtype=torch.long, device=device)  # RoPE position of text slot 0
+    text_start = torch.full((B,), lvlm.text_start, dtype=torch.long, device=device)  # per image at the prefill
     cache = KVCache(text_start, prompt_lens.clone(), capacity)
     query_index = prompt_lens - 1  # fastv ranks by each sample's last prompt token
     hidden, router_logits, budget = lvlm.hidden_states(images, input_ids, budget, query_index, choose, prompt_mask,
@@ -127,7 +129,7 @@ def generate(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: O
              prompt_mask: Optional[torch.Tensor] = None) -> GenerationOutput:
     """Cached generation for a batch of right-padded prompts.
 
-    images (B, 3, H, W); input_ids (B, P) right-padded with prompt_lens (B,) (None: every prompt is P
+    images (B, 3, S, S) or TiledImages; input_ids (B, P) right-padded with prompt_lens (B,) (None: every prompt is P
     long); budget: see `prefill`; eos_id: a sample stops after producing it (None: never);
     temperature 0 is greedy, > 0 samples (top_k: from the k most likely) with `generator`.
     -> GenerationOutput (tokens (B, N <= max_new_tokens), lengths (B,), budgets (B,), ...).

@@ -77,12 +77,14 @@ class KVCache:
     """layers[i]: layer i's row groups (one group for every sample, or a self and a skip group),
     appended layer by layer at prefill. text_start (B,) int64: RoPE position of text slot 0 per
     sample; lengths (B,) int64: text tokens cached per sample so far; capacity: text slots
-    allocated per sample."""
+    allocated per sample; visual_lens (B,) int64 or None: valid visual tokens per sample when the
+    visual slots are padded after them (AnyRes images of different token counts), set at prefill."""
 
     text_start: torch.Tensor
     lengths: torch.Tensor
     capacity: int
     layers: List[List[RowCache]] = field(default_factory=list)
+    visual_lens: Optional[torch.Tensor] = None
 
     def visual_bytes(self) -> int:
         """Bytes of visual K/V held in the cache (all samples, all layers)."""
@@ -101,4 +103,4 @@ class KVCache:
                             (g.rows[:, None] * n + torch.arange(n, device=g.rows.device)).flatten(),
                             rep(g.k), rep(g.v), g.n_visual, rep(g.cross_k), rep(g.cross_v)) for g in groups]
                   for groups in self.layers]
-        return KVCache(rep(self.text_start), rep(self.lengths), self.capacity, layers)
+        return KVCache(rep(self.text_start), rep(self.lengths), self.capacity, layers, rep(self.visual_lens))

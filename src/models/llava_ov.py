@@ -12,22 +12,25 @@ Mapping (explicit weight maps, all or nothing; see src/models/hf_import.py):
   (new) cross sublayers, positional conv    -> copied from the host attention (cross_init=host),
                                                zero-initialised conv (identity)
 
-Single crop only. For one image LLaVA-OV's processor tiles it (AnyRes: `image_grid_pinpoints`, a
-base crop plus tiles, an image_newline per feature row); that path is not supported (a 5-D
-(B, crops, 3, S, S) input is rejected). What is supported is LLaVA-OV's one-crop-per-image path
-(its multi-image path): the image resized to the tower's size, its V = (S // patch) ** 2 tokens,
-then one image_newline token, so the LLM sees V + 1 visual tokens. Checkpoints in the current
+Two image paths, as LLaVA-OV: AnyRes (`TiledImages`, src/models/anyres.py: a base crop plus the
+tiles of the best `image_grid_pinpoints` canvas, an image_newline after each row of the unpadded
+tile features, downsampled beyond `vision_aspect_ratio`'s anyres_max_N), which its processor uses
+for a lone image; and one crop per image (plain (B, 3, S, S) images, its multi-image path): the
+image resized to the tower's size, its V = (S // patch) ** 2 tokens, then one image_newline token,
+so the LLM sees V + 1 visual tokens. Checkpoints in the current
 transformers layout (`model.language_model.*`, `model.vision_tower.*`) and the legacy llava-hf
 layout (`language_model.model.*`, `vision_tower.vision_model.*`, `image_newline`) are both read.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from src.models.anyres import AnyRes, default_pinpoints
 from src.models.decoder import DecoderConfig
 from src.models.hf_import import (
     HFCheckpoint,
@@ -61,7 +64,8 @@ _VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=4304, patch_size=14,
 def llava_ov_settings(cfg: dict, where: str = "config.json") -> dict:
     """Our constructor arguments from a LLaVA-OneVision config.json dict:
     {"vision": SiglipVisionEncoder kwargs, "decoder": DecoderConfig, "family": str,
-     "vision_layers": layers in the HF tower, "tied": bool, "image_token_index": int}.
+     "vision_layers": layers in the HF tower, "tied": bool, "image_token_index": int,
+     "anyres": AnyRes kwargs}.
     Raises ValueError naming the field for anything not supported."""
     if cfg.get("model_type") != "llava_onevision":
         raise ValueError(f"{where}.model_type={cfg.get('model_type')!r}: expected 'llava_onevision'")
@@ -102,8 +106,19 @@ def llava_ov_settings(cfg: dict, where: str = "config.json") -> dict:
     vision = dict(image_size=image_size, patch_size=patch, width=int(vc["hidden_size"]), depth=depth,
                   n_heads=int(vc["num_attention_heads"]), mlp_dim=int(vc["intermediate_size"]),
                   norm_eps=float(vc["layer_norm_eps"]), act=_VISION_ACTS[vc["hidden_act"]])
+    aspect = cfg.get("vision_aspect_ratio", "anyres_max_9")
+    match = re.fullmatch(r"anyres_max_(\d+)", str(aspect))
+    if match is None:
+        raise ValueError(f"{where}.vision_aspect_ratio={aspect!r} is not supported; expected 'anyres_max_<N>'")
+    pinpoints = cfg.get("image_grid_pinpoints") or default_pinpoints(image_size)
+    anyres = dict(tile=image_size, patch=patch, max_tiles=int(match.group(1)), pinpoints=pinpoints)
+    try:
+        AnyRes(**anyres)
+    except ValueError as e:
+        raise ValueError(f"{where}.image_grid_pinpoints: {e}") from None
     return {"vision": vision, "decoder": decoder, "family": text["model_type"], "vision_layers": n_vis,
-            "tied": decoder.tie_embeddings, "image_token_index": cfg.get("image_token_index", 151646)}
+            "tied": decoder.tie_embeddings, "image_token_index": cfg.get("image_token_index", 151646),
+            "anyres": anyres}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +236,14 @@ def llava_ov_from_hf(
     plan = plan or LayerPlan(n_layers=dc.n_layers, all_self=True)
     model = VisorLVLM(SiglipVisionEncoder(**settings["vision"]), dc, plan, pos_conv=pos_conv,
                       token_reducer=token_reducer, cross_init=cross_init, policy_hidden=policy_hidden,
-                      image_newline=True)
+                      image_newline=True, anyres=None if token_reducer is not None else AnyRes(**settings["anyres"]))
     load_llava_ov_weights(model, ckpt, settings)
     return model.eval(), settings
 
 
 def lvlm_init_args(model: VisorLVLM, vision_kwargs: Dict) -> dict:
     """The model as LightningCLI `init_args` (what configs/llava_ov_0.5b.yaml writes)."""
+    anyres = None if model.anyres is None else dict(vars(model.anyres))
     return {"vision": {"class_path": "src.models.siglip.SiglipVisionEncoder", "init_args": dict(vision_kwargs)},
-            "decoder": model.decoder.config.to_dict(), "image_newline": model.image_newline is not None}
+            "decoder": model.decoder.config.to_dict(), "image_newline": model.image_newline is not None,
+            "anyres": anyres}

@@ -1,17 +1,33 @@
 """VisorLVLM: vision encoder -> projector -> [pos conv] -> [token reducer] -> plan-driven decoder."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from src.models.anyres import AnyRes, TiledImages
 from src.models.decoder import Decoder, DecoderConfig
 from src.models.kv_cache import KVCache
 from src.models.plan import LayerPlan
 from src.models.policy import BudgetPolicy
 from src.models.projector import Projector, VisualPosConv
 from src.models.token_reduction import TokenReducer
+
+
+Images = Union[torch.Tensor, TiledImages]
+
+
+class VisualTokens(NamedTuple):
+    """What the LLM receives from the images. tokens (B, V, d); positions (B, V) int64 RoPE positions
+    when a selection reducer kept a subset, else None (0..V-1); lens (B,) int64 valid tokens per sample
+    when samples differ (AnyRes), padding after them, else None; text_start: the first text position,
+    an int for all or (B,) per sample."""
+
+    tokens: torch.Tensor
+    positions: Optional[torch.Tensor]
+    lens: Optional[torch.Tensor]
+    text_start: Union[int, torch.Tensor]
 
 
 class VisorLVLM(nn.Module):
@@ -25,7 +41,9 @@ class VisorLVLM(nn.Module):
     appended after each image's visual tokens (after any token reduction), at the position right
     after the image grid; the text follows it. `cross_rope`: the cross sublayers rotate text
     queries and visual keys at their original positions (default off, as DESIGN.md; see
-    src/models/cross_attention.py).
+    src/models/cross_attention.py). `anyres`: LLaVA-OneVision's high-resolution tiling
+    (src/models/anyres.py); with it the model also takes `TiledImages` (a base crop and tiles per
+    image, a token count per image); plain (B, 3, S, S) images stay one crop each.
     """
 
     def __init__(
@@ -39,6 +57,7 @@ class VisorLVLM(nn.Module):
         policy_hidden: Optional[int] = None,
         image_newline: bool = False,
         cross_rope: bool = False,
+        anyres: Optional[AnyRes] = None,
     ) -> None:
         super().__init__()
         for attr in ("out_dim", "grid", "num_tokens", "image_size"):
@@ -57,6 +76,13 @@ class VisorLVLM(nn.Module):
         # The budget router (policy stage): before the first optional self layer.
         self.policy = BudgetPolicy(decoder.d_model, plan.n_budgets, policy_hidden) if policy_hidden else None
         self.image_newline = nn.Parameter(torch.zeros(decoder.d_model)) if image_newline else None
+        if anyres is not None and (anyres.tile != vision.image_size or (anyres.grid, anyres.grid) != tuple(vision.grid)):
+            raise ValueError(f"anyres.tile={anyres.tile}, anyres.patch={anyres.patch} give a {anyres.grid}x{anyres.grid} "
+                             f"grid of {anyres.tile} px crops; the vision encoder takes {vision.image_size} px, "
+                             f"grid {tuple(vision.grid)}: set anyres.tile and anyres.patch to match")
+        if anyres is not None and token_reducer is not None:
+            raise ValueError("anyres with a token_reducer is not supported: reducers work on one crop's grid")
+        self.anyres = anyres
 
     @property
     def plan(self) -> LayerPlan:
@@ -74,35 +100,55 @@ class VisorLVLM(nn.Module):
         """The first text position: after the position grid, and the image_newline if any."""
         return self.position_grid[0] * self.position_grid[1] + (1 if self.image_newline is not None else 0)
 
-    def encode_images(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """images (B, 3, H, W) in [0, 1] -> (visual tokens at LLM width (B, V, d), their RoPE positions
-        (B, V) int64 when a selection reducer kept a subset, else None: positions 0..V-1)."""
+    def encode_images(self, images: Images) -> VisualTokens:
+        """images (B, 3, S, S) in [0, 1], or TiledImages (AnyRes) -> VisualTokens (tokens (B, V, d))."""
+        if isinstance(images, TiledImages):
+            return self._encode_tiled(images)
         visual = self.projector(self.vision(images))  # (B, V0, d)
         if self.pos_conv is not None:
             visual = self.pos_conv(visual)
         positions = None
         if self.token_reducer is not None and not self.token_reducer.in_llm:
             visual, positions = self.token_reducer(visual, self.vision.grid)  # (B, V, d), (B, V) or None
-        if self.image_newline is None:
-            return visual, positions
-        B = visual.shape[0]
-        visual = torch.cat([visual, self.image_newline.to(visual.dtype).expand(B, 1, -1)], dim=1)  # (B, V+1, d)
-        if positions is not None:
-            after_grid = positions.new_full((B, 1), self.text_start - 1)
-            positions = torch.cat([positions, after_grid], dim=1)  # (B, V+1)
-        return visual, positions
+        if self.image_newline is not None:
+            B = visual.shape[0]
+            visual = torch.cat([visual, self.image_newline.to(visual.dtype).expand(B, 1, -1)], dim=1)  # (B, V+1, d)
+            if positions is not None:
+                after_grid = positions.new_full((B, 1), self.text_start - 1)
+                positions = torch.cat([positions, after_grid], dim=1)  # (B, V+1)
+        return VisualTokens(visual, positions, None, self.text_start)
 
-    def prepare_inputs(self, images: torch.Tensor, input_ids: torch.Tensor):
-        """images (B, 3, H, W), input_ids (B, T) -> visual (B, V, d), text embeddings (B, T, d),
-        positions (N, V+T): the text starts at `text_start` (after V0 positions when a selection
-        reducer kept a subset, as without reduction)."""
+    def _encode_tiled(self, images: TiledImages) -> VisualTokens:
+        """AnyRes: every image's crops through the tower at once, then each image's tokens packed
+        (src/models/anyres.py) and the batch zero-padded to its longest; positions run on through
+        each image's own tokens, its text right after them."""
+        if self.anyres is None:
+            raise ValueError("TiledImages need a model built with anyres (model.lvlm.init_args.anyres)")
+        sizes = images.sizes.tolist()
+        counts = [self.anyres.n_crops(h, w) for h, w in sizes]
+        if max(counts) > images.crops.shape[1]:
+            raise ValueError(f"TiledImages.crops holds {images.crops.shape[1]} crops per image; image sizes "
+                             f"{sizes} need {counts}")
+        crops = torch.cat([images.crops[b, :n] for b, n in enumerate(counts)])  # (sum n, 3, S, S)
+        features = self.projector(self.vision(crops)).split(counts)  # [(n_b, g*g, d)]
+        tokens = [self.anyres.pack(f, h, w, self.image_newline) for f, (h, w) in zip(features, sizes)]
+        lens = torch.tensor([t.shape[0] for t in tokens], dtype=torch.long, device=crops.device)
+        visual = nn.utils.rnn.pad_sequence(tokens, batch_first=True)  # (B, V_max, d), zeros after each image
+        if self.pos_conv is not None:
+            visual = self.pos_conv(visual)
+        return VisualTokens(visual, None, None if bool((lens == lens.max()).all()) else lens, lens)
+
+    def prepare_inputs(self, images: Images, input_ids: torch.Tensor):
+        """images (B, 3, S, S) or TiledImages, input_ids (B, T) -> (visual (B, V, d), text embeddings
+        (B, T, d), positions (N, V+T), VisualTokens): the text starts at `text_start` (after V0
+        positions when a selection reducer kept a subset, as without reduction)."""
         assert input_ids.dim() == 2 and input_ids.shape[0] == images.shape[0], (
             f"input_ids must be (B, T) with B={images.shape[0]}, got {tuple(input_ids.shape)}")
-        visual, visual_positions = self.encode_images(images)
+        vt = self.encode_images(images)
         text = self.decoder.embed_tokens(input_ids)  # (B, T, d)
-        positions = self.decoder.positions(visual.shape[1], text.shape[1], text.device, visual_positions,
-                                           self.text_start)
-        return visual, text, positions
+        positions = self.decoder.positions(vt.tokens.shape[1], text.shape[1], text.device, vt.positions,
+                                           vt.text_start)
+        return vt.tokens, text, positions, vt
 
     def hidden_states(self, images: torch.Tensor, input_ids: torch.Tensor,
                       budget: Optional[Union[int, torch.Tensor]] = None,
@@ -113,7 +159,7 @@ class VisorLVLM(nn.Module):
                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[Union[int, torch.Tensor]]]:
         """The one way a prompt goes through the model (training, validation, routing, prefill).
 
-        images (B, 3, H, W), input_ids (B, T) right-padded; budget None (largest) / index / (B,)
+        images (B, 3, S, S) or TiledImages, input_ids (B, T) right-padded; budget None (largest) / index / (B,)
         indices; query_index (B,): the last prompt token (fastv ranks by its attention; default T-1).
         choose: route instead: the layers before the first optional self layer run, then the router
         on their hidden states (prompt_mask (B, T) bool marks the question tokens it pools), then
@@ -122,7 +168,12 @@ class VisorLVLM(nn.Module):
         -> (text hidden states after the final norm (B, T, d), router logits (B, K) or None, the budget run).
         """
         dec = self.decoder
-        visual, text, positions = self.prepare_inputs(images, input_ids)
+        visual, text, positions, vt = self.prepare_inputs(images, input_ids)
+        lens = vt.lens
+        if cache is not None:
+            B = input_ids.shape[0]
+            cache.text_start = torch.as_tensor(vt.text_start, device=text.device).expand(B).clone()
+            cache.visual_lens = lens
         start, router_logits = 0, None
         if choose is not None:
             if self.policy is None or self.plan.first_optional is None:
@@ -131,11 +182,11 @@ class VisorLVLM(nn.Module):
             assert prompt_mask is not None and prompt_mask.shape == input_ids.shape, (
                 f"prompt_mask must be (B, T) = {tuple(input_ids.shape)}")
             start = self.plan.first_optional
-            visual, text, positions = dec.run_layers(visual, text, 0, start, positions, query_index=query_index,
-                                                     cache=cache)
-            router_logits = self.policy(text, prompt_mask, visual)  # (B, K)
+            visual, text, positions = dec.run_layers(visual, text, 0, start, positions, visual_kv_lens=lens,
+                                                     query_index=query_index, cache=cache)
+            router_logits = self.policy(text, prompt_mask, visual, lens)  # (B, K)
             budget = choose(router_logits)
-        _, text, _ = dec.run_layers(visual, text, start, dec.config.n_layers, positions, budget,
+        _, text, _ = dec.run_layers(visual, text, start, dec.config.n_layers, positions, budget, lens,
                                     query_index=query_index, cache=cache)
         return dec.norm(text), router_logits, budget
 
@@ -154,7 +205,7 @@ class VisorLVLM(nn.Module):
                 budget: Optional[Union[int, torch.Tensor]] = None,
                 query_index: Optional[torch.Tensor] = None,
                 logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """images (B, 3, H, W), input_ids (B, T) right-padded, budget None (largest) / index / (B,)
+        """images (B, 3, S, S) or TiledImages, input_ids (B, T) right-padded, budget None (largest) / index / (B,)
         indices, query_index (B,) the last prompt token (fastv ranks by its attention; default T-1)
         -> logits (B, T, vocab), or (N, vocab) at the positions of logits_at (B, T) bool."""
         hidden, _, _ = self.hidden_states(images, input_ids, budget, query_index)
@@ -171,7 +222,7 @@ class VisorLVLM(nn.Module):
 
     def generate(self, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 16, **kwargs):
-        """Cached generation from right-padded prompts: images (B, 3, H, W), input_ids (B, P),
+        """Cached generation from right-padded prompts: images (B, 3, S, S) or TiledImages, input_ids (B, P),
         prompt_lens (B,) (None: all P) -> src.models.generation.GenerationOutput (tokens (B, N), ...).
         kwargs: budget, eos_id, pad_id, temperature, top_k, generator, prompt_mask (see `generate` there)."""
         from src.models.generation import generate  # generation imports the decoder; keep this module light

@@ -26,7 +26,8 @@ from torch import nn
 
 
 class BudgetPolicy(nn.Module):
-    """(text hidden (B, T, d), text mask (B, T) bool, visual hidden (B, V, d)) -> logits (B, n_budgets)."""
+    """(text hidden (B, T, d), text mask (B, T) bool, visual hidden (B, V, d), valid visual tokens per
+    sample (B,) or None) -> logits (B, n_budgets)."""
 
     def __init__(self, d_model: int, n_budgets: int, hidden: int = 128) -> None:
         super().__init__()
@@ -41,20 +42,27 @@ class BudgetPolicy(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
-    def forward(self, text: torch.Tensor, text_mask: Optional[torch.Tensor], visual: torch.Tensor) -> torch.Tensor:
+    def forward(self, text: torch.Tensor, text_mask: Optional[torch.Tensor], visual: torch.Tensor,
+                visual_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
         assert text.dim() == 3 and visual.dim() == 3 and text.shape[0] == visual.shape[0], (
             f"text (B, T, d) and visual (B, V, d) expected, got {tuple(text.shape)}, {tuple(visual.shape)}")
-        if text_mask is None:
-            text_pool = text.mean(1)
-        else:
-            assert text_mask.shape == text.shape[:2], f"text_mask must be (B, T), got {tuple(text_mask.shape)}"
-            m = text_mask.to(text.dtype).unsqueeze(-1)  # (B, T, 1)
-            text_pool = (text * m).sum(1) / m.sum(1).clamp_min(1.0)
-        x = torch.cat([text_pool, visual.mean(1)], dim=-1)  # (B, 2d)
+        text_pool = self._masked_mean(text, text_mask)
+        visual_mask = None if visual_lens is None else (
+            torch.arange(visual.shape[1], device=visual.device)[None, :] < visual_lens[:, None])  # (B, V)
+        x = torch.cat([text_pool, self._masked_mean(visual, visual_mask)], dim=-1)  # (B, 2d)
         n = self.norm  # batch statistics while training, running ones otherwise and for a training batch of one
         x = n(x) if x.shape[0] > 1 or not self.training else nn.functional.batch_norm(
             x, n.running_mean, n.running_var, training=False, eps=n.eps)
         return self.fc2(nn.functional.gelu(self.fc1(x)))  # (B, n_budgets)
+
+    @staticmethod
+    def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, N, d), mask (B, N) bool or None (all) -> the mean over the masked tokens (B, d)."""
+        if mask is None:
+            return x.mean(1)
+        assert mask.shape == x.shape[:2], f"mask must be (B, N) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}"
+        m = mask.to(x.dtype).unsqueeze(-1)  # (B, N, 1)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def select_budgets(logits: torch.Tensor, mode: Union[str, int], costs: torch.Tensor,

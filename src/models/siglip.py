@@ -74,8 +74,8 @@ class SiglipVisionEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) in [0, 1] -> tokens (B, V, C)."""
         if images.dim() == 5:
-            raise ValueError(f"images {tuple(images.shape)}: several crops per image (AnyRes tiling) are not "
-                             "supported; give one (B, 3, S, S) crop per image")
+            raise ValueError(f"images {tuple(images.shape)}: several crops per image go in as "
+                             "src.models.anyres.TiledImages (to a model built with anyres), not a 5-D tensor")
         assert images.dim() == 4 and images.shape[1] == 3, f"images must be (B, 3, H, W), got {tuple(images.shape)}"
         assert images.shape[-2:] == (self.image_size, self.image_size), (
             f"images must be {self.image_size}x{self.image_size}, got {tuple(images.shape[-2:])}")
