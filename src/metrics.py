@@ -45,8 +45,9 @@ class GroupedAccuracy(Metric):
             raise ValueError(f"groups must be unique and non-empty, got {list(groups)}")
         self.groups = list(groups)
         self.index = {g: i for i, g in enumerate(self.groups)}
-        self.add_state("correct", default=torch.zeros(len(groups)), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.zeros(len(groups)), dist_reduce_fx="sum")
+        # integer counts: exact at any size, and left alone when a bf16 model converts its floats
+        self.add_state("correct", default=torch.zeros(len(groups), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(len(groups), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, correct: torch.Tensor, groups: Sequence[str]) -> None:
         """correct (B,) bool, groups: B group names."""
@@ -55,12 +56,13 @@ class GroupedAccuracy(Metric):
         if unknown:
             raise KeyError(f"unknown groups {sorted(unknown)}; known: {self.groups}")
         idx = torch.tensor([self.index[g] for g in groups], device=self.correct.device)
-        self.correct.index_add_(0, idx, correct.float())
-        self.total.index_add_(0, idx, torch.ones_like(correct, dtype=torch.float))
+        self.correct.index_add_(0, idx, correct.long())
+        self.total.index_add_(0, idx, torch.ones_like(idx))
 
     def compute(self) -> Dict[str, torch.Tensor]:
-        out = {g: self.correct[i] / self.total[i] for i, g in enumerate(self.groups) if self.total[i] > 0}
-        out["all"] = self.correct.sum() / self.total.sum().clamp(min=1)
+        correct, total = self.correct.double(), self.total.double()
+        out = {g: (correct[i] / total[i]).float() for i, g in enumerate(self.groups) if total[i] > 0}
+        out["all"] = (correct.sum() / total.sum().clamp(min=1)).float()
         return out
 
 

@@ -255,7 +255,8 @@ def _read_jsonl(path, cli):
     return rows
 
 
-def test_cli_predict_writes_jsonl(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # bf16-mixed: the crash, the embedded default
+def test_cli_predict_writes_jsonl(tmp_path, monkeypatch, precision):
     from src.cli import main
     from src.flops import sample_flops
     monkeypatch.chdir(tmp_path)
@@ -263,7 +264,7 @@ def test_cli_predict_writes_jsonl(tmp_path, monkeypatch):
     out = tmp_path / "preds" / "visor.jsonl"
     cli = main(["predict", "--config", str(ROOT / "configs/visor.yaml"), "--model.base_checkpoint", export,
                 "--model.lvlm.init_args.vision.init_args.name", "test_byobnet", "--model.max_new_tokens", "3",
-                "--predict_writer.output_path", str(out), *SMALL_DATA])
+                "--predict_writer.output_path", str(out), "--trainer.precision", precision, *SMALL_DATA])
     rows = _read_jsonl(out, cli)
     lvlm = cli.model.lvlm
     assert all(r["budget"] == 0 and r["budget_layers"] == "SCCTCC" and 1 <= r["generated_tokens"] <= 3 for r in rows)

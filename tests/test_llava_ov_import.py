@@ -280,3 +280,10 @@ def test_config_yaml_matches_the_converter():
 
     assert DecoderConfig(**init["decoder"]) == s["decoder"]
     assert init["plan"]["n_layers"] == s["decoder"].n_layers and init["image_newline"] is True
+    # configs/anyres.yaml: the AnyRes settings the converter reads from the same config.json (its
+    # image_grid_pinpoints left out there, as LlavaOnevisionConfig's default: LLaVA-OV's 36 canvases)
+    from src.models.anyres import AnyRes
+
+    delta = yaml.safe_load((Path(__file__).parents[1] / "configs" / "anyres.yaml").read_text())
+    assert AnyRes(**delta["model"]["lvlm"]["init_args"]["anyres"]) == AnyRes(**s["anyres"])
+    assert delta["data"]["anyres"] is True

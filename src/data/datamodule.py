@@ -14,6 +14,7 @@ from src.data.generator import GeneratorConfig
 from src.data.shards import QAExpander, collate, ensure_default_dataset, qa_dataset
 from src.data.tokenizer import ChatTokenizer, WordTokenizer, load_tokenizer
 from src.data.tokenizer import chat_template as resolve_chat_template
+from src.models.anyres import AnyRes
 
 
 class VQADataModule(L.LightningDataModule):
@@ -44,7 +45,11 @@ class VQADataModule(L.LightningDataModule):
     `src.data.tokenizer.CHAT_TEMPLATES`; Hugging Face tokenizers only).
     `predict_shards`: what `predict` reads, a folder of `*.tar` shards or a glob (default: the val
     split), one question per sequence as validation.
-    Images come out as floats in [0, 1], (B, 3, image_size, image_size)."""
+    `render_size`: the side the generator draws its images at (default 128); `anyres`: images go
+    in at their stored size as LLaVA-OneVision's AnyRes tiles (`TiledImages`: a base crop and the
+    tiles of the best grid, 2-7 thousand visual tokens per image at render_size 768-1536 with
+    384 px crops), by the model's own AnyRes settings (`model.lvlm.init_args.anyres`).
+    Images come out as floats in [0, 1], (B, 3, image_size, image_size), or TiledImages."""
 
     def __init__(
         self,
@@ -74,6 +79,8 @@ class VQADataModule(L.LightningDataModule):
         tokenizer_path: Optional[str] = None,
         chat_template: str = "chatml",
         predict_shards: Optional[str] = None,
+        render_size: Optional[int] = None,
+        anyres: bool = False,
     ) -> None:
         super().__init__()
         positive = dict(train_images=train_images, val_images=val_images, images_per_shard=images_per_shard,
@@ -84,11 +91,13 @@ class VQADataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         try:  # the generator checks its own fields; ours carry the same names under data.
+            rendering = {} if render_size is None else {"image_size": render_size}
             self.generator_config = GeneratorConfig(text_len=text_len, large_question=large_question,
                                                     locate_answer=locate_answer, spatial_answer=spatial_answer,
-                                                    count_answer=count_answer)
+                                                    count_answer=count_answer, **rendering)
         except ValueError as e:
-            raise ValueError(str(e).replace("generator.", "data.", 1)) from None
+            raise ValueError(str(e).replace("generator.image_size", "data.render_size", 1)
+                             .replace("generator.", "data.", 1)) from None
         if shuffle_seed is not None and shuffle_seed < 0:
             raise ValueError(f"data.shuffle_seed must be >= 0 or null, got {shuffle_seed}")
         if shuffle_buffer < 0:
@@ -101,6 +110,7 @@ class VQADataModule(L.LightningDataModule):
         QAExpander(WordTokenizer([]), image_size, max_text_len, overlength, strict, train_turns,
                    train_tasks)  # validates
         self.tokenizer: Optional[ChatTokenizer] = None
+        self.tiling: Optional[AnyRes] = None  # data.anyres: the model's settings, taken at setup
 
     def prepare_data(self) -> None:
         h = self.hparams
@@ -114,10 +124,22 @@ class VQADataModule(L.LightningDataModule):
         h = self.hparams
         path = h.tokenizer_path if h.tokenizer_path is not None else self.root / "tokenizer.json"
         self.tokenizer = load_tokenizer(path, chat_template=h.chat_template)
+        if h.anyres:
+            self.tiling = self.tiling or self._model_anyres()
         self.expanders = {split: QAExpander(self.tokenizer, h.image_size, h.max_text_len, h.overlength, h.strict,
                                             turns=h.train_turns if split == "train" else 1,
-                                            tasks=h.train_tasks if split == "train" else None)
+                                            tasks=h.train_tasks if split == "train" else None,
+                                            anyres=self.tiling if h.anyres else None)
                           for split in ("train", "val")}
+
+    def _model_anyres(self) -> AnyRes:
+        """The AnyRes settings of the model being trained: one statement of them, the model's."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        anyres = getattr(getattr(module, "lvlm", None), "anyres", None)
+        if anyres is None:
+            raise ValueError("data.anyres=true needs a model built with AnyRes settings "
+                             "(model.lvlm.init_args.anyres, e.g. {tile: 384, patch: 14, max_tiles: 9})")
+        return anyres
 
     def shards(self, split: str) -> List[str]:
         urls = sorted(glob.glob(str(self.root / f"{split}-*.tar")))

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from src.data.generator import GeneratorConfig, SceneGenerator, vocabulary
 from src.data.tokenizer import ChatTokenizer, ChatTurn, WordTokenizer
+from src.models.anyres import AnyRes, TiledImages
 
 QA_FIELDS = ("question", "answer", "task", "difficulty")
 log = logging.getLogger(__name__)
@@ -136,12 +137,16 @@ class QAExpander:
     `tasks` (None: all) keeps only the questions of those tasks (a training curriculum or a
     per-task probe); the others are left out by choice, not counted as bad.
 
+    `anyres` (the model's AnyRes settings): images keep their stored size and become a base crop
+    plus tiles (`image` (1 + tiles, 3, S, S), `image_hw` the original (H, W)); else each is resized
+    to image_size x image_size.
+
     Each yielded sample carries `skipped`: the reasons counted since the previous yield, so
     counts travel with the batches across DataLoader workers and none are lost."""
 
     def __init__(self, tokenizer: ChatTokenizer, image_size: int, max_text_len: int,
                  overlength: str = "truncate", strict: bool = False, turns: int = 1,
-                 tasks: Optional[List[str]] = None) -> None:
+                 tasks: Optional[List[str]] = None, anyres: Optional[AnyRes] = None) -> None:
         if overlength not in ("truncate", "skip"):
             raise ValueError(f"data.overlength must be 'truncate' or 'skip', got {overlength!r}")
         if max_text_len < 4:
@@ -153,6 +158,7 @@ class QAExpander:
         self.tasks = None if tasks is None else frozenset(tasks)
         self.tok, self.image_size, self.max_text_len = tokenizer, image_size, max_text_len
         self.overlength, self.strict, self.turns = overlength, strict, turns
+        self.anyres = anyres
 
     def _bad(self, counts: Counter, reason: str, sample: dict) -> None:
         if self.strict:
@@ -180,6 +186,10 @@ class QAExpander:
             image = self._decode_image(raw, counts)
             if image is None:
                 continue
+            hw = None
+            if self.anyres is not None:  # the image at its own size -> its base crop and tiles
+                hw = tuple(image.shape[1:])
+                image = self.anyres.crops(image)  # (1 + tiles, 3, S, S) in [0, 1]
             if self.tasks is not None:
                 # a malformed QA goes on to be counted as bad; a well-formed one of another task is left out
                 qas = [qa for qa in qas if not isinstance(qa, dict) or not isinstance(qa.get("task"), str)
@@ -194,6 +204,8 @@ class QAExpander:
                 if sample is None:
                     continue
                 sample["image"] = image
+                if self.anyres is not None:
+                    sample["image_hw"] = hw
                 sample["skipped"] = dict(counts)
                 counts.clear()
                 yield sample
@@ -211,10 +223,11 @@ class QAExpander:
         except Exception:  # PIL raises many types for corrupt data
             self._bad(counts, "bad_image", raw)
             return None
-        if im.size != (self.image_size, self.image_size):
+        if self.anyres is None and im.size != (self.image_size, self.image_size):
             im = im.resize((self.image_size, self.image_size), Image.BICUBIC)
-        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(self.image_size, self.image_size, 3)
-        return x.permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.size[1], im.size[0], 3)
+        x = x.permute(2, 0, 1)  # (3, H, W) uint8
+        return x if self.anyres is not None else x.float().div_(255.0)  # AnyRes tiles the uint8 image
 
     def _encode_qa(self, qa: dict, raw: dict, counts: Counter) -> Optional[Tuple[ChatTurn, dict]]:
         """-> (encoded turn, qa) or None for a bad QA (counted)."""
@@ -273,7 +286,11 @@ def collate(samples: List[dict], pad_id: int) -> Dict[str, object]:
     skipped: Counter = Counter()
     for s in samples:
         skipped.update(s["skipped"])
-    return {"images": torch.stack([s["image"] for s in samples]),  # (B, 3, H, W)
+    if "image_hw" in samples[0]:  # AnyRes: crops (B, N, 3, S, S) zero-padded, original sizes (B, 2)
+        images = TiledImages.stack([s["image"] for s in samples], [s["image_hw"] for s in samples])
+    else:
+        images = torch.stack([s["image"] for s in samples])  # (B, 3, S, S)
+    return {"images": images,
             "input_ids": input_ids, "labels": labels,  # (B, T)
             "task": [s["task"] for s in samples], "difficulty": [s["difficulty"] for s in samples],
             "key": [s["key"] for s in samples], "skipped": dict(skipped)}

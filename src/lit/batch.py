@@ -1,11 +1,21 @@
 """How both LightningModules run the LVLM on a batch (images, input_ids, labels)."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
+from src.models.anyres import TiledImages
 from src.models.lvlm import VisorLVLM
+
+
+def image_sizes(batch: dict) -> List[Optional[Tuple[int, int]]]:
+    """Each sample's original (height, width) when the images are AnyRes tiles (their token counts
+    differ), else None per sample (one crop each): what `src.flops.sample_flops(image_hw=)` takes."""
+    images = batch["images"]
+    if isinstance(images, TiledImages):
+        return [tuple(hw) for hw in images.sizes.tolist()]
+    return [None] * images.shape[0]
 
 
 def query_index(labels: torch.Tensor) -> torch.Tensor:

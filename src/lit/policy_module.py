@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from src.data.generator import TASKS
 from src.flops import sample_flops
-from src.lit.batch import answer_logits, query_index
+from src.lit.batch import answer_logits, image_sizes, query_index
 from src.lit.checkpoint_io import load_base_checkpoint
 from src.lit.frozen import hold_eval
 from src.lit.predict import log_cache_report, prediction_rows, split_prompt
@@ -139,7 +139,8 @@ class PolicyLitModule(L.LightningModule):
     def _budget_flops(self, batch: dict) -> torch.Tensor:
         """(B, K) float64: every budget's LLM FLOPs for each sample (at its own text length)."""
         lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
-        rows = [[sample_flops(self.lvlm, t, k).llm for k in range(self.n_budgets)] for t in lengths]
+        rows = [[sample_flops(self.lvlm, t, k, hw).llm for k in range(self.n_budgets)]
+                for t, hw in zip(lengths, image_sizes(batch))]
         return torch.tensor(rows, dtype=torch.float64, device=batch["input_ids"].device)
 
     def _costs(self, flops: torch.Tensor) -> torch.Tensor:
@@ -265,8 +266,8 @@ class PolicyLitModule(L.LightningModule):
         prompt lengths; the router pools the same question tokens as in validation) -> one row per sample."""
         h, plan = self.hparams, self.lvlm.plan
         prompt, lens = split_prompt(batch, self.pad_id)
-        flops = torch.tensor([[sample_flops(self.lvlm, int(t), k).llm for k in range(self.n_budgets)] for t in lens],
-                             dtype=torch.float64)  # (B, K)
+        flops = torch.tensor([[sample_flops(self.lvlm, int(t), k, hw).llm for k in range(self.n_budgets)]
+                              for t, hw in zip(lens.tolist(), image_sizes(batch))], dtype=torch.float64)  # (B, K)
         costs = self._costs(flops).mean(0).to(prompt.device)  # (K,)
 
         def choose(router_logits):

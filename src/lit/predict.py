@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from src.flops import sample_flops
-from src.lit.batch import query_index
+from src.lit.batch import image_sizes, query_index
 from src.models.generation import GenerationOutput, visual_kv_bytes
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def prediction_rows(lvlm, batch: dict, prompt: torch.Tensor, prompt_lens: torch.
         else:
             question, answer, prediction = question_ids, answer_ids, new_text
             correct = new_text == answer_ids
-        flops = sample_flops(lvlm, P, k)
+        flops = sample_flops(lvlm, P, k, image_sizes(batch)[b])
         rows.append({
             "id": f"{key}/{n}", "question": question, "answer": answer, "prediction": prediction,
             "correct": bool(correct), "task": batch.get("task", [None] * B)[b],
