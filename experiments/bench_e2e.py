@@ -11,7 +11,8 @@ imported by `src.models.hf_import.decoder_from_hf`. Every VISOR row shares that 
 layers (and adds its own cross sublayers); transformers' own Qwen2ForCausalLM (sdpa) on the same
 folder is the peer row. Visual tokens enter as random LLM-width embeddings (the vision encoder and
 projector are outside this benchmark: the same cost in every row), V = 729 x crops (+1 newline for a
-single crop): 730 (one 384 px crop), 2916 (4 crops), 7290 (AnyRes: 9 crops + the base image).
+single crop): 730 (one 384 px crop), 2916 (4 crops), 7290 (10 crops); without the pooling / VisionZip
+rows any V runs, e.g. AnyRes's own counts (1485 for a 384 px image, 3699 for a 768 px one).
 
 Measured, each phase's rows interleaved within every repeat (medians; spread = (max - min) / median):
   prefill  : B = 1, T text tokens after V visual ones, filling the KV cache, logits at the last token;
@@ -418,8 +419,12 @@ def main() -> None:
         rows = build_rows(folder, names, args.device, dtype)
         weight_bytes = sum(p.numel() * p.element_size() for p in rows["full"].dec.parameters())
         prefill_res, decode_res, train_res = {}, {}, {}
+        per_crop = any("reducer" in row_specs()[n] for n in names)  # pooling / VisionZip work per 729-token crop
         for V in [int(v) for v in args.visual.split(",") if v]:
-            visual_counts(V)
+            if per_crop:
+                visual_counts(V)
+            elif V < 1:
+                sys.exit(f"--visual {V}: must be positive")
             reps = args.repeats if V < 7290 else max(3, args.repeats // 2)
             prefill_res[V] = bench_prefill(rows, V, args.text, reps, args.device, dtype, capacity)
             if V <= args.decode_max_visual:
