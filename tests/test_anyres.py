@@ -186,3 +186,19 @@ def test_sample_flops_of_an_anyres_image_match_the_counted(hf_dir, size):
     want = sample_flops(ours, T, image_hw=size)
     assert abs(got - want.total) <= 1e-3 * want.total, (got, want)
     assert want.llm > sample_flops(ours, T).llm  # more tokens than one crop
+
+
+def test_visual_kv_bytes_of_an_anyres_image_match_the_cache(hf_dir):
+    """generation.visual_kv_bytes(n_visual=) for an AnyRes image's token count equals what the cache
+    holds after its prefill (self layers' visual slots + cross sublayers' K/V)."""
+    from src.models.generation import visual_kv_bytes
+
+    _, folder = hf_dir
+    plan = LayerPlan(n_layers=4, self_layers=[0], cross_layers=[1, 3])
+    ours = llava_ov_from_hf(folder, plan=plan)[0]
+    size = (150, 170)
+    tiled = batch(ours.anyres, [size])
+    with torch.no_grad():
+        cache = ours.generate(tiled, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=1).cache
+    V = ours.anyres.num_tokens(*size)
+    assert cache.visual_bytes() == visual_kv_bytes(ours, n_visual=V) == 3 * V * 2 * 2 * 8 * 4  # 3 layers read it

@@ -167,9 +167,10 @@ def generate(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: O
 # ---------------------------------------------------------------------------------------------
 
 
-def _visual_per_layer(lvlm) -> List[int]:
-    """Visual tokens each layer sees (fewer from layer K on after a fastv drop)."""
-    V, n = lvlm.num_visual_tokens, lvlm.plan.n_layers
+def _visual_per_layer(lvlm, n_visual: Optional[int] = None) -> List[int]:
+    """Visual tokens each layer sees (fewer from layer K on after a fastv drop); n_visual: the image's
+    own count (an AnyRes image's `anyres.num_tokens(h, w)`; None: one crop's)."""
+    V, n = lvlm.num_visual_tokens if n_visual is None else n_visual, lvlm.plan.n_layers
     fastv = lvlm.decoder.fastv
     if fastv is None:
         return [V] * n
@@ -177,18 +178,20 @@ def _visual_per_layer(lvlm) -> List[int]:
 
 
 def visual_kv_bytes(lvlm, budget: Union[None, int, torch.Tensor] = None, batch_size: int = 1,
-                    dtype: Optional[torch.dtype] = None, all_self: bool = False) -> int:
+                    dtype: Optional[torch.dtype] = None, all_self: bool = False,
+                    n_visual: Optional[int] = None) -> int:
     """Bytes of visual K/V the cache holds: `batch_size` samples at `budget` (None: largest, an index)
     or one sample per entry of a (B,) tensor of budgets. Per sample and layer: V_i keys and values
     of Hkv x hd at a `self` or `cross` layer, none at a `text` layer. all_self: the same decoder
-    with every layer `self` (the original LVLM). dtype: default the decoder's parameters'."""
+    with every layer `self` (the original LVLM). dtype: default the decoder's parameters'.
+    n_visual: visual tokens per sample (an AnyRes image's count; None: one crop's)."""
     c, plan = lvlm.decoder.config, lvlm.plan
     dtype = dtype or lvlm.decoder.embed_tokens.weight.dtype
     per_token = 2 * c.n_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
-    counts = _visual_per_layer(lvlm)
+    counts = _visual_per_layer(lvlm, n_visual)
     if isinstance(budget, torch.Tensor):
         assert budget.dim() == 1, f"budget must be an int or (B,) indices, got {tuple(budget.shape)}"
-        return sum(visual_kv_bytes(lvlm, int(k), 1, dtype, all_self) for k in budget.tolist())
+        return sum(visual_kv_bytes(lvlm, int(k), 1, dtype, all_self, n_visual) for k in budget.tolist())
     kinds = ["self"] * plan.n_layers if all_self else plan.budget_kinds(
         plan.largest_budget if budget is None else budget)
     return batch_size * per_token * sum(v for v, kind in zip(counts, kinds) if kind in ("self", "cross"))
