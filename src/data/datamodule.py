@@ -110,7 +110,6 @@ class VQADataModule(L.LightningDataModule):
         QAExpander(WordTokenizer([]), image_size, max_text_len, overlength, strict, train_turns,
                    train_tasks)  # validates
         self.tokenizer: Optional[ChatTokenizer] = None
-        self.tiling: Optional[AnyRes] = None  # data.anyres: the model's settings, taken at setup
 
     def prepare_data(self) -> None:
         h = self.hparams
@@ -124,12 +123,10 @@ class VQADataModule(L.LightningDataModule):
         h = self.hparams
         path = h.tokenizer_path if h.tokenizer_path is not None else self.root / "tokenizer.json"
         self.tokenizer = load_tokenizer(path, chat_template=h.chat_template)
-        if h.anyres:
-            self.tiling = self.tiling or self._model_anyres()
+        anyres = self._model_anyres() if h.anyres else None
         self.expanders = {split: QAExpander(self.tokenizer, h.image_size, h.max_text_len, h.overlength, h.strict,
                                             turns=h.train_turns if split == "train" else 1,
-                                            tasks=h.train_tasks if split == "train" else None,
-                                            anyres=self.tiling if h.anyres else None)
+                                            tasks=h.train_tasks if split == "train" else None, anyres=anyres)
                           for split in ("train", "val")}
 
     def _model_anyres(self) -> AnyRes:

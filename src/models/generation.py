@@ -86,8 +86,7 @@ def prefill(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: to
         budget = dec.resolve_budgets(budget, B, device)
     if choose is not None and prompt_mask is None:
         prompt_mask = torch.arange(P, device=device)[None, :] < prompt_lens[:, None]
-    text_start = torch.full((B,), lvlm.text_start, dtype=torch.long, device=device)  # per image at the prefill
-    cache = KVCache(text_start, prompt_lens.clone(), capacity)
+    cache = KVCache(None, prompt_lens.clone(), capacity)  # text_start and visual_lens: set from the images
     query_index = prompt_lens - 1  # fastv ranks by each sample's last prompt token
     hidden, router_logits, budget = lvlm.hidden_states(images, input_ids, budget, query_index, choose, prompt_mask,
                                                        cache)

@@ -76,11 +76,11 @@ class RowCache:
 class KVCache:
     """layers[i]: layer i's row groups (one group for every sample, or a self and a skip group),
     appended layer by layer at prefill. text_start (B,) int64: RoPE position of text slot 0 per
-    sample; lengths (B,) int64: text tokens cached per sample so far; capacity: text slots
+    sample (None until `VisorLVLM.hidden_states` prefills it from the images); lengths (B,) int64: text tokens cached per sample so far; capacity: text slots
     allocated per sample; visual_lens (B,) int64 or None: valid visual tokens per sample when the
     visual slots are padded after them (AnyRes images of different token counts), set at prefill."""
 
-    text_start: torch.Tensor
+    text_start: Optional[torch.Tensor]
     lengths: torch.Tensor
     capacity: int
     layers: List[List[RowCache]] = field(default_factory=list)
