@@ -32,14 +32,23 @@ def add_prediction_writer(parser) -> None:
     parser.add_lightning_class_args(JsonlPredictionWriter, "predict_writer")
 
 
-class VisorCLI(LightningCLI):
+class ConfigOverCheckpoint(LightningCLI):
+    """`--ckpt_path` supplies the weights only: the model is built from the configs and command line
+    as given. (Lightning's CLI would parse the checkpoint's saved hyperparameters over them, so an
+    override such as `--model.max_new_tokens 4` given with `predict --ckpt_path` would be lost silently.)"""
+
+    def _parse_ckpt_path(self) -> None:
+        return None
+
+
+class VisorCLI(ConfigOverCheckpoint):
     def add_arguments_to_parser(self, parser) -> None:
         # One shared size: the image resolution the data is decoded to is the encoder's input size.
         parser.link_arguments("data.image_size", "model.lvlm.init_args.vision.init_args.image_size")
         add_prediction_writer(parser)
 
 
-class SubclassCLI(LightningCLI):
+class SubclassCLI(ConfigOverCheckpoint):
     """For a config that names its LightningModule (`model.class_path`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
