@@ -15,7 +15,8 @@ single crop): 730 (one 384 px crop), 2916 (4 crops), 7290 (10 crops); without th
 rows any V runs, e.g. AnyRes's own counts (1485 for a 384 px image, 3699 for a 768 px one).
 
 Measured, each phase's rows interleaved within every repeat (medians; spread = (max - min) / median):
-  prefill  : B = 1, T text tokens after V visual ones, filling the KV cache, logits at the last token;
+  prefill  : B = 1, T text tokens after V visual ones (`--image-at A`: A of them before the image, as a
+             chat template puts it inside the first user turn), filling the KV cache, logits at the last token;
   decode   : ms per new token at batch 1, 8, 32 from a cache of the prompt (a batch-1 prefill repeated
              B times, `KVCache.repeat`: a decode step's cost does not depend on the cache's contents);
   train    : one step (forward, backward over the answer tokens' loss, AdamW) at B = 1, embeddings frozen
@@ -148,20 +149,23 @@ def reduce_visual(reducer: Optional[TokenReducer], visual: torch.Tensor) -> torc
     return torch.cat([out, visual[:, crops * CROP:]], dim=1)  # the newline, if any
 
 
-def row_flops(row, V: int, T: int) -> int:
-    """Analytic prefill FLOPs of one sample (the LM head at the last position only)."""
+def row_flops(row, V: int, T: int, image_at: int = 0) -> int:
+    """Analytic prefill FLOPs of one sample (the LM head at the last position only), image_at of the T
+    text tokens before the image."""
     dec = row.dec
     c, plan = dec.config, dec.plan
     kinds = budget_kinds(plan)
     if row.reducer is not None:
         crops = V // CROP
         V_in = crops * row.reducer.n_tokens(CROP) + (V - crops * CROP)
-        return llm_flops(c, kinds, V_in, T, head_tokens=1) + crops * row.reducer.reduction_flops(CROP, c.d_model)
+        return (llm_flops(c, kinds, V_in, T, head_tokens=1, image_at=image_at)
+                + crops * row.reducer.reduction_flops(CROP, c.d_model))
     if dec.fastv is not None:
         K = dec.fastv.layer
         per_layer = [V] * K + [dec.fastv.n_kept(V)] * (len(kinds) - K)
-        return llm_flops(c, kinds, per_layer, T, head_tokens=1) + fastv_rank_flops(c, kinds[K - 1], V, T)
-    return llm_flops(c, kinds, V, T, head_tokens=1)
+        return (llm_flops(c, kinds, per_layer, T, head_tokens=1, image_at=image_at)
+                + fastv_rank_flops(c, kinds[K - 1], V, T))
+    return llm_flops(c, kinds, V, T, head_tokens=1, image_at=image_at)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,11 +173,12 @@ def row_flops(row, V: int, T: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def prefill(row, visual: torch.Tensor, ids: torch.Tensor, capacity: int):
+def prefill(row, visual: torch.Tensor, ids: torch.Tensor, capacity: int, image_at: int = 0):
     """-> (last-token logits (B, vocab), the cache): ours through Decoder.run_layers, the peer through
-    transformers (logits_to_keep=1)."""
+    transformers (logits_to_keep=1) over the sequence in order (ids[:, :image_at], visual, the rest)."""
     if row.peer is not None:
-        embeds = torch.cat([visual, row.peer.get_input_embeddings()(ids)], dim=1)
+        text = row.peer.get_input_embeddings()(ids)
+        embeds = torch.cat([text[:, :image_at], visual, text[:, image_at:]], dim=1)
         out = row.peer(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.past_key_values
     dec = row.dec
@@ -181,7 +186,8 @@ def prefill(row, visual: torch.Tensor, ids: torch.Tensor, capacity: int):
     B, V, T = visual.shape[0], visual.shape[1], ids.shape[1]
     text = dec.embed_tokens(ids)
     cache = KVCache(torch.full((B,), V, device=ids.device), torch.full((B,), T, device=ids.device), capacity)
-    _, hidden, _ = dec.run_layers(visual, text, 0, dec.config.n_layers, dec.positions(V, T, ids.device), cache=cache)
+    _, hidden, _ = dec.run_layers(visual, text, 0, dec.config.n_layers, dec.positions(V, T, ids.device, image_at=image_at),
+                                  cache=cache, image_at=image_at)
     return dec.lm_head(dec.norm(hidden[:, -1])), cache
 
 
@@ -200,7 +206,8 @@ def cache_bytes(cache) -> tuple:
     return total, 0
 
 
-def bench_prefill(rows, V: int, T: int, repeats: int, device: str, dtype: torch.dtype, capacity: int):
+def bench_prefill(rows, V: int, T: int, repeats: int, device: str, dtype: torch.dtype, capacity: int,
+                  image_at: int = 0):
     c = next(iter(rows.values())).dec.config
     g = torch.Generator(device="cpu").manual_seed(V)
     visual = (torch.randn(1, V, c.d_model, generator=g) * 0.02).to(device=device, dtype=dtype)
@@ -210,7 +217,7 @@ def bench_prefill(rows, V: int, T: int, repeats: int, device: str, dtype: torch.
     def run(name, row):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        logits, cache = prefill(row, visual, ids, capacity)
+        logits, cache = prefill(row, visual, ids, capacity, image_at)
         peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
         last[name] = (logits, cache, peak)
 
@@ -221,20 +228,20 @@ def bench_prefill(rows, V: int, T: int, repeats: int, device: str, dtype: torch.
     for name, row in rows.items():
         logits, cache, peak = last.pop(name)
         vis_b, text_b = cache_bytes(cache)
-        out[name] = dict(times=times[name], flops=row_flops(row, V, T), visual_kv=vis_b, text_kv=text_b,
+        out[name] = dict(times=times[name], flops=row_flops(row, V, T, image_at), visual_kv=vis_b, text_kv=text_b,
                          peak=peak, logits=logits.float().cpu())
     return out
 
 
 def bench_decode(rows, V: int, T: int, batches: List[int], tokens: int, repeats: int, device: str,
-                 dtype: torch.dtype, capacity: int):
+                 dtype: torch.dtype, capacity: int, image_at: int = 0):
     c = next(iter(rows.values())).dec.config
     g = torch.Generator(device="cpu").manual_seed(V + 1)
     visual = (torch.randn(1, V, c.d_model, generator=g) * 0.02).to(device=device, dtype=dtype)
     ids = torch.randint(0, c.vocab_size, (1, T), generator=g).to(device)
     results = {}
     with torch.no_grad():
-        base = {name: prefill(row, visual, ids, capacity)[1] for name, row in rows.items()}
+        base = {name: prefill(row, visual, ids, capacity, image_at)[1] for name, row in rows.items()}
         for B in batches:
             caches = {}
             for name, cache in base.items():
@@ -326,7 +333,8 @@ def write_report(path: Path, meta: dict, prefill_res, decode_res, train_res, row
          f"Machine: {meta['machine']}. torch {torch.__version__}, transformers {meta['transformers']}, "
          f"{meta['dtype']}. Measured {meta['dtype']} matmul rate: {meta['rate'] / 1e9:.0f} GFLOP/s. "
          f"Command: `{meta['command']}`.",
-         f"Model: {meta['model']}, imported through src/models/hf_import.py. T = {meta['T']} text tokens; "
+         f"Model: {meta['model']}, imported through src/models/hf_import.py. T = {meta['T']} text tokens, "
+         f"{meta.get('image_at', 0)} of them before the image; "
          "visual tokens random at LLM width (the vision encoder is not timed). Medians of "
          f"{meta['repeats']} interleaved repeats; spread = (max - min) / median. Speed-up = full's time / the "
          "row's; FLOPs ratio = full's FLOPs / the row's (causal attention counted at half, src/flops.py); "
@@ -384,6 +392,8 @@ def main() -> None:
     ap.add_argument("--hf-dir", default=None, help="a Qwen2ForCausalLM folder (default: random Qwen2-0.5B weights)")
     ap.add_argument("--visual", default="730,2916,7290", help="visual token counts, comma separated")
     ap.add_argument("--text", type=int, default=64, help="text tokens of the prompt")
+    ap.add_argument("--image-at", type=int, default=0,
+                    help="text tokens before the image (LLaVA-OV's chat layout: 3, `<|im_start|>user\\n`)")
     ap.add_argument("--rows", default=",".join(row_specs()), help="rows, comma separated (full is always run)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--decode-batches", default="1,8,32")
@@ -399,6 +409,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but no GPU is visible")
+    if not 0 <= args.image_at < args.text:
+        sys.exit(f"--image-at {args.image_at}: must be in [0, --text={args.text})")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -426,17 +438,18 @@ def main() -> None:
             elif V < 1:
                 sys.exit(f"--visual {V}: must be positive")
             reps = args.repeats if V < 7290 else max(3, args.repeats // 2)
-            prefill_res[V] = bench_prefill(rows, V, args.text, reps, args.device, dtype, capacity)
+            prefill_res[V] = bench_prefill(rows, V, args.text, reps, args.device, dtype, capacity, args.image_at)
             if V <= args.decode_max_visual:
                 batches = [int(b) for b in args.decode_batches.split(",")]
                 decode_res[V] = bench_decode(rows, V, args.text, batches, args.decode_tokens, max(3, reps // 2),
-                                             args.device, dtype, capacity)
+                                             args.device, dtype, capacity, args.image_at)
         del rows
         gc.collect()
         for V in [int(v) for v in args.train_visual.split(",") if v]:
             train_res[V] = bench_train(folder, args.train_rows.split(","), V, args.text, min(16, args.text), args.repeats,
                                        args.device, dtype)
-    meta = dict(device=args.device, machine=machine, dtype=args.dtype, rate=rate, T=args.text, repeats=args.repeats,
+    meta = dict(device=args.device, machine=machine, dtype=args.dtype, rate=rate, T=args.text, image_at=args.image_at,
+                repeats=args.repeats,
                 model=model_name, transformers=transformers.__version__, weight_bytes=weight_bytes, capacity=capacity,
                 command="python experiments/bench_e2e.py " + " ".join(sys.argv[1:]))
     out = Path(args.out) if args.out else ROOT / "experiments" / "results" / f"bench_e2e_{args.device}.md"

@@ -44,8 +44,9 @@ def cross_sublayer_flops(c: DecoderConfig, V: int, T: int) -> int:
     return qo + kv + attention_flops(c, T, V)
 
 
-def layer_flops(c: DecoderConfig, kind: str, V: int, T: int) -> int:
-    """One decoder layer of `kind` for one sample with V visual and T text tokens."""
+def layer_flops(c: DecoderConfig, kind: str, V: int, T: int, image_at: int = 0) -> int:
+    """One decoder layer of `kind` for one sample with V visual and T text tokens, image_at of them
+    before the image (a chat layout: they are not cross-attention queries)."""
     if kind == "self":
         S = V + T
         return S * _linear_per_token(c) + attention_flops(c, S, S, causal=True)
@@ -53,18 +54,19 @@ def layer_flops(c: DecoderConfig, kind: str, V: int, T: int) -> int:
     if kind == "text":
         return text
     if kind == "cross":
-        return text + cross_sublayer_flops(c, V, T)
+        return text + cross_sublayer_flops(c, V, T - image_at)
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
 def llm_flops(c: DecoderConfig, kinds: Sequence[str], V: Union[int, Sequence[int]], T: int, lm_head: bool = True,
-              head_tokens: Optional[int] = None) -> int:
+              head_tokens: Optional[int] = None, image_at: int = 0) -> int:
     """The whole LLM for one sample: every layer by its kind, plus the LM head over `head_tokens`
     positions (default all T text tokens; 1 for a prefill, which needs the last one).
-    V: visual tokens, one count for all layers or one per layer (after an in-LLM drop)."""
+    V: visual tokens, one count for all layers or one per layer (after an in-LLM drop); image_at:
+    text tokens before the image (see `layer_flops`)."""
     per_layer = [V] * len(kinds) if isinstance(V, int) else list(V)
     assert len(per_layer) == len(kinds), f"{len(per_layer)} visual counts for {len(kinds)} layers"
-    total = sum(layer_flops(c, k, v, T) for k, v in zip(kinds, per_layer))
+    total = sum(layer_flops(c, k, v, T, image_at) for k, v in zip(kinds, per_layer))
     head_tokens = T if head_tokens is None else head_tokens
     return total + (2 * head_tokens * c.d_model * c.vocab_size if lm_head else 0)
 
@@ -108,10 +110,11 @@ def vision_flops_per_image(encoder) -> int:
 
 
 def sample_flops(model, T: int, budget: Optional[int] = None,
-                 image_hw: Optional[Tuple[int, int]] = None) -> SampleFlops:
+                 image_hw: Optional[Tuple[int, int]] = None, image_at: int = 0) -> SampleFlops:
     """FLOPs for one sample with T text tokens through a VisorLVLM (inference, one forward) at
     `budget` (an index into the plan's budgets; None: the largest). image_hw: the original (height,
-    width) of an AnyRes image (its crops through the tower, its token count in the LLM); None: one crop."""
+    width) of an AnyRes image (its crops through the tower, its token count in the LLM); None: one crop.
+    image_at: text tokens before the image (a chat layout; they do not query cross layers)."""
     c = model.decoder.config
     V0, crops, V = model.vision.num_tokens, 1, model.num_visual_tokens
     if image_hw is not None:
@@ -126,10 +129,10 @@ def sample_flops(model, T: int, budget: Optional[int] = None,
     if reducer is None or not reducer.in_llm:
         if reducer is not None:
             proj += reducer.reduction_flops(V0, c.d_model)
-        llm = llm_flops(c, kinds, V, T)
+        llm = llm_flops(c, kinds, V, T, image_at=image_at)
     else:  # fastv: layers before K see V tokens, K.. the kept ones, plus the ranking at layer K-1
         K = reducer.layer
-        llm = llm_flops(c, kinds, [V] * K + [reducer.n_kept(V)] * (len(kinds) - K), T)
+        llm = llm_flops(c, kinds, [V] * K + [reducer.n_kept(V)] * (len(kinds) - K), T, image_at=image_at)
         llm += fastv_rank_flops(c, kinds[K - 1], V, T)
     return SampleFlops(vision=crops * vision_flops_per_image(model.vision), projector=proj, llm=llm)
 

@@ -74,7 +74,8 @@ def test_crops_equal_the_processor(size):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_tokens_and_logits_equal_transformers(hf_dir, size):
+@pytest.mark.parametrize("image_at", [0, 3])  # 3: the image inside the first user turn, after 3 text tokens
+def test_tokens_and_logits_equal_transformers(hf_dir, size, image_at):
     hf, folder = hf_dir
     ours, settings = llava_ov_from_hf(folder)
     assert settings["anyres"]["max_tiles"] == 9 and ours.anyres.pinpoints == default_pinpoints(TILE)
@@ -89,9 +90,10 @@ def test_tokens_and_logits_equal_transformers(hf_dir, size):
         vt = ours.encode_images(tiled)
         assert vt.tokens.shape == (1, V, 32) and vt.lens is None and vt.text_start.tolist() == [V]
         torch.testing.assert_close(vt.tokens[0], feats, atol=1e-4, rtol=0)  # same tokens, same order
-        ids = torch.cat([torch.full((1, V), IMAGE_TOKEN), text], dim=1)
-        want = hf(input_ids=ids, pixel_values=ref["pixel_values"], image_sizes=ref["image_sizes"]).logits[:, V:]
-        torch.testing.assert_close(ours(tiled, text), want, atol=1e-4, rtol=0)
+        ids = torch.cat([text[:, :image_at], torch.full((1, V), IMAGE_TOKEN), text[:, image_at:]], dim=1)
+        want = hf(input_ids=ids, pixel_values=ref["pixel_values"], image_sizes=ref["image_sizes"]).logits
+        want = torch.cat([want[:, :image_at], want[:, image_at + V:]], dim=1)  # the text positions
+        torch.testing.assert_close(ours(tiled, text, image_at=image_at), want, atol=1e-4, rtol=0)
 
 
 def live_gates(model):
@@ -113,10 +115,12 @@ def batch(anyres, sizes, seed=3):
 
 
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_mixed_token_counts_batch_equals_each_alone(hf_dir, plan):
+@pytest.mark.parametrize("image_at", [0, 2])
+def test_mixed_token_counts_batch_equals_each_alone(hf_dir, plan, image_at):
     """Images of different token counts in one batch (visual padding hidden from every attention,
-    each sample's text right after its own tokens): logits and greedy generation equal each alone,
-    at every budget of the VISOR plan (mixed budgets in one batch too)."""
+    each sample's text right after its own tokens, image_at text tokens before the image): logits
+    and greedy generation equal each alone, at every budget of the VISOR plan (mixed budgets in one
+    batch too)."""
     _, folder = hf_dir
     lp = None if PLANS[plan] is None else LayerPlan(n_layers=4, **PLANS[plan])
     ours = live_gates(llava_ov_from_hf(folder, plan=lp, pos_conv=True)[0])
@@ -130,13 +134,15 @@ def test_mixed_token_counts_batch_equals_each_alone(hf_dir, plan):
     budgets = [None] + ([torch.tensor([0, 1, 0])] if plan == "visor" else [])
     with torch.no_grad():
         for budget in budgets:
-            together = ours(tiled, text, budget)
-            gen = ours.generate(tiled, text, max_new_tokens=4, budget=budget).tokens
+            together = ours(tiled, text, budget, image_at=image_at)
+            gen = ours.generate(tiled, text, max_new_tokens=4, budget=budget, image_at=image_at).tokens
             for b in range(3):
                 one = TiledImages(tiled.crops[b:b + 1], tiled.sizes[b:b + 1])
                 bb = None if budget is None else budget[b:b + 1]
-                torch.testing.assert_close(together[b:b + 1], ours(one, text[b:b + 1], bb), atol=1e-5, rtol=0)
-                assert torch.equal(gen[b:b + 1], ours.generate(one, text[b:b + 1], max_new_tokens=4, budget=bb).tokens)
+                torch.testing.assert_close(together[b:b + 1], ours(one, text[b:b + 1], bb, image_at=image_at),
+                                           atol=1e-5, rtol=0)
+                alone = ours.generate(one, text[b:b + 1], max_new_tokens=4, budget=bb, image_at=image_at).tokens
+                assert torch.equal(gen[b:b + 1], alone)
 
 
 def test_router_pools_only_the_valid_visual_tokens(hf_dir):

@@ -9,7 +9,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 
-def test_bench_e2e_runs_every_row_on_a_narrow_qwen2(tmp_path, monkeypatch):
+@pytest.mark.parametrize("image_at", [0, 3])  # 3: LLaVA-OV's chat layout, the image after `<|im_start|>user\n`
+def test_bench_e2e_runs_every_row_on_a_narrow_qwen2(tmp_path, monkeypatch, image_at):
     cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=24,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
@@ -18,7 +19,7 @@ def test_bench_e2e_runs_every_row_on_a_narrow_qwen2(tmp_path, monkeypatch):
     out = tmp_path / "bench.md"
     monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--hf-dir", str(tmp_path / "qwen2"), "--visual", "730",
                                       "--text", "8", "--repeats", "1", "--decode-batches", "1,3",
-                                      "--decode-tokens", "1", "--out", str(out)])
+                                      "--decode-tokens", "1", "--image-at", str(image_at), "--out", str(out)])
     bench_e2e.main()
     text = out.read_text()
     for row in ("full", "llava_ov", "lean", "zero_self", "pool2", "visionzip25", "fastv50", "transformers"):

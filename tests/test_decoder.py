@@ -24,6 +24,39 @@ def test_all_self_equals_plain_decoder_over_concatenation(tiny_decoder_config):
     assert (logits - plain).abs().max().item() < 1e-5
 
 
+def test_chat_layout_all_self_equals_plain_decoder_over_the_sequence_in_order(tiny_decoder_config):
+    """image_at text tokens, the image, the rest of the text: an all-self plan is the plain LLM over
+    that sequence (positions in order, causal: the text before the image does not see it)."""
+    c = tiny_decoder_config
+    dec = _pair(c, LayerPlan(c.n_layers, all_self=True))
+    torch.manual_seed(1)
+    visual, ids, A = torch.randn(3, 20, c.d_model), torch.randint(0, c.vocab_size, (3, 7)), 3
+    text = dec.embed_tokens(ids)
+    with torch.no_grad():
+        hidden, visual_out = dec(visual, text, image_at=A)
+        plain = dec.forward_plain(torch.cat([text[:, :A], visual, text[:, A:]], 1))
+    torch.testing.assert_close(hidden, torch.cat([plain[:, :A], plain[:, A + 20:]], 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(dec.norm(visual_out), plain[:, A:A + 20], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("plan", [dict(all_self=True), dict(self_layers=[0], cross_layers=[1, 3]),
+                                  dict(cross_layers=[0, 1, 2, 3])])
+def test_chat_layout_text_before_the_image_never_reads_it(tiny_decoder_config, plan):
+    """In every layer kind the rows before the image are the same whatever the image (self: causal in
+    the sequence's order; cross: they are not queries); the rows after it do read it."""
+    c = tiny_decoder_config
+    dec = _pair(c, LayerPlan(c.n_layers, **plan))
+    for cross in dec.cross.values():
+        torch.nn.init.constant_(cross.gate, 0.7)
+    torch.manual_seed(2)
+    text, A = torch.randn(2, 9, c.d_model), 4
+    with torch.no_grad():
+        one, _ = dec(torch.randn(2, 12, c.d_model), text, image_at=A)
+        other, _ = dec(torch.randn(2, 12, c.d_model), text, image_at=A)
+    assert torch.equal(one[:, :A], other[:, :A])
+    assert (one[:, A:] - other[:, A:]).abs().min() > 0
+
+
 def test_text_and_cross_layers_leave_visual_bit_identical(tiny_decoder_config):
     c = tiny_decoder_config
     dec = _pair(c, LayerPlan(c.n_layers, cross_layers=[0, 2]))  # C T C T: no self layer at all

@@ -31,15 +31,20 @@ def test_layer_flops_match_flop_counter(tiny_decoder_config, kind):
     assert _close(got, layer_flops(c, kind, V, T)), (got, layer_flops(c, kind, V, T))
 
 
-def test_sample_flops_match_whole_model(tiny_decoder_config):
+@pytest.mark.parametrize("image_at", [0, 2])  # 2: a chat layout, whose 2 text tokens before the image skip cross
+def test_sample_flops_match_whole_model(tiny_decoder_config, image_at):
     enc = VisionEncoder("test_byobnet", feature_layer=2, image_size=64)
     model = VisorLVLM(enc, tiny_decoder_config, LayerPlan(4, self_layers=[0], cross_layers=[1, 3])).eval()
     T = 6
     images, ids = torch.rand(1, 3, 64, 64), torch.randint(0, 40, (1, T))
     with torch.no_grad():
-        got = measured_flops(model, images, ids)
-    expected = sample_flops(model, T)
+        got = measured_flops(lambda: model(images, ids, image_at=image_at))
+    expected = sample_flops(model, T, image_at=image_at)
     assert _close(got, expected.total), (got, expected)
+    if image_at:  # exactly the cross-attention work of the image_at rows, measured against counted
+        with torch.no_grad():
+            saved = measured_flops(lambda: model(images, ids)) - got
+        assert saved == sample_flops(model, T).llm - expected.llm > 0, (saved, sample_flops(model, T).llm - expected.llm)
     assert expected.llm < sample_flops(VisorLVLM(enc, tiny_decoder_config, LayerPlan(4, all_self=True)), T).llm
 
 

@@ -41,17 +41,17 @@ def _model(tiny_decoder_config, plan, fastv=None, policy=False, seed=0, cross_ro
     return m
 
 
-def _prompts(vocab, seed=1):
+def _prompts(vocab, seed=1, prompt_lens=PROMPT_LENS):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(B, max(PROMPT_LENS), dtype=torch.long)  # pad id 0
-    for b, n in enumerate(PROMPT_LENS):
+    ids = torch.zeros(B, max(prompt_lens), dtype=torch.long)  # pad id 0
+    for b, n in enumerate(prompt_lens):
         ids[b, :n] = torch.randint(1, vocab, (n,), generator=g)
     images = torch.rand(B, 3, 64, 64, generator=g)
-    return images, ids, torch.tensor(PROMPT_LENS)
+    return images, ids, torch.tensor(prompt_lens)
 
 
 @torch.no_grad()
-def _uncached_greedy(m, images, ids, lens, budgets, max_new=MAX_NEW):
+def _uncached_greedy(m, images, ids, lens, budgets, max_new=MAX_NEW, image_at=0):
     """No cache: the full forward over the growing right-padded sequences, argmax at each sample's last
     position (fastv ranks by the last prompt token, as in validation)."""
     seqs = [ids[b, : lens[b]].tolist() for b in range(B)]
@@ -60,7 +60,7 @@ def _uncached_greedy(m, images, ids, lens, budgets, max_new=MAX_NEW):
         batch = torch.zeros(B, int(n.max()), dtype=torch.long)
         for b, s in enumerate(seqs):
             batch[b, : len(s)] = torch.tensor(s)
-        logits = m(images, batch, budget=budgets, query_index=lens - 1)  # (B, T, vocab)
+        logits = m(images, batch, budget=budgets, query_index=lens - 1, image_at=image_at)  # (B, T, vocab)
         for b, s in enumerate(seqs):
             s.append(int(logits[b, n[b] - 1].argmax()))
     return [s[int(lens[b]):] for b, s in enumerate(seqs)]
@@ -78,18 +78,19 @@ PLANS = {
 
 @pytest.mark.parametrize("name", list(PLANS))
 @pytest.mark.parametrize("fastv", [False, True])
-def test_cached_greedy_equals_uncached(tiny_decoder_config, name, fastv):
+@pytest.mark.parametrize("image_at", [0, 2])  # 2: a chat layout, 2 prompt tokens before the image
+def test_cached_greedy_equals_uncached(tiny_decoder_config, name, fastv, image_at):
     c = tiny_decoder_config
     plan = LayerPlan(c.n_layers, **PLANS[name])
     if fastv and name == "two_optional":
         pytest.skip("layer 1 is optional with skip kind text: fastv needs it to read the image")
     m = _model(c, plan, FastVReducer(layer=2, drop_ratio=0.5) if fastv else None)
-    images, ids, lens = _prompts(c.vocab_size)
+    images, ids, lens = _prompts(c.vocab_size, prompt_lens=[5, 3, 7, 1 + image_at])
     # mixed per-sample budgets in one batch (every budget present when there are several)
     budgets = torch.arange(B) % plan.n_budgets
-    out = generate(m, images, ids, lens, MAX_NEW, budget=budgets)
+    out = generate(m, images, ids, lens, MAX_NEW, budget=budgets, image_at=image_at)
     assert out.tokens.shape == (B, MAX_NEW) and out.lengths.tolist() == [MAX_NEW] * B
-    assert out.tokens.tolist() == _uncached_greedy(m, images, ids, lens, budgets)
+    assert out.tokens.tolist() == _uncached_greedy(m, images, ids, lens, budgets, image_at=image_at)
     assert out.budgets.tolist() == budgets.tolist()
     assert out.cache.visual_bytes() == visual_kv_bytes(m, budgets)
 
@@ -231,7 +232,8 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 SMALL_DATA = ["--data.train_images", "2", "--data.val_images", "1", "--data.images_per_shard", "4",
               "--data.num_workers", "0", "--data.val_batch_size", "8", "--data.image_size", "64"]
 FIELDS = {"id", "question", "answer", "prediction", "budget", "gflops", "gflops_total", "correct", "task",
-          "difficulty", "budget_layers", "prompt_tokens", "generated_tokens", "generated_ids"}
+          "difficulty", "budget_layers", "prompt_tokens", "generated_tokens", "generated_ids", "visual_tokens",
+          "visual_kv_kib"}
 
 
 def _export(tmp_path, plan, pos_conv):
@@ -272,8 +274,36 @@ def test_cli_predict_writes_jsonl(tmp_path, monkeypatch, precision):
                for r in rows)
     r = rows[0]
     assert r["gflops"] == pytest.approx(sample_flops(lvlm, r["prompt_tokens"], 0).llm / 1e9)
+    assert r["visual_tokens"] == lvlm.num_visual_tokens and r["visual_kv_kib"] == visual_kv_bytes(lvlm, 0) / 1024
     # the question is the prompt's question span (no <bos>/<sep>), the answer what the labels supervise
     assert all(r["question"].endswith("?") and "<" not in r["question"] + r["answer"] for r in rows)
+
+
+def test_cli_predict_from_a_fit_checkpoint_takes_the_weights_and_the_command_line(tmp_path, monkeypatch):
+    """`predict --ckpt_path`: the checkpoint's weights, the model arguments of the configs and command
+    line (not the hyperparameters saved in the checkpoint)."""
+    from src.cli import main
+    monkeypatch.chdir(tmp_path)
+    export = _export(tmp_path, LayerPlan(6, all_self=True), pos_conv=False)
+    common = ["--config", str(ROOT / "configs/visor.yaml"), "--model.base_checkpoint", export,
+              "--model.lvlm.init_args.vision.init_args.name", "test_byobnet", *SMALL_DATA]
+    fit = main(["fit", *common, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+                "--model.max_new_tokens", "6"])
+    ckpt = tmp_path / "fit.ckpt"
+    fit.trainer.save_checkpoint(str(ckpt))
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert saved["hyper_parameters"]["max_new_tokens"] == 6
+    marked = next(k for k in saved["state_dict"] if k.endswith("mlp.up_proj.weight"))
+    saved["state_dict"][marked] += 0.01  # weights the base checkpoint cannot give
+    torch.save(saved, ckpt)
+    out = tmp_path / "preds.jsonl"
+    cli = main(["predict", *common, "--ckpt_path", str(ckpt), "--model.max_new_tokens", "2",
+                "--predict_writer.output_path", str(out)])
+    assert cli.model.hparams.max_new_tokens == 2
+    rows = _read_jsonl(out, cli)
+    assert all(1 <= r["generated_tokens"] <= 2 for r in rows)
+    weights = cli.model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in saved["state_dict"].items())
 
 
 def test_cli_predict_policy_stage(tmp_path, monkeypatch):

@@ -64,7 +64,7 @@ def test_chatml_ids_and_labels_only_on_the_answers(hf_dir):
     assert input_ids.shape == labels.shape and input_ids.dtype == labels.dtype == torch.long
     text = ("<|im_start|>user\nwhat color is the box ?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
             "<|im_start|>user\nhow many red circles are there ?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>")
-    assert tok.render(pairs) == text
+    assert tok.render(pairs, image="") == text
     full = raw.encode(text, add_special_tokens=False).ids
     assert input_ids.tolist() == full[:-1] and labels.tolist()[-1] == im_end  # shifted by one
     # piece-by-piece encoding equals encoding the whole rendered text
@@ -163,3 +163,62 @@ def test_datamodule_reads_shards_with_a_hf_tokenizer(hf_dir, tmp_path):
         answer = [t for t in labels[:n].tolist() if t != -100]
         assert answer[-1] == dm.tokenizer.eos_id and dm.tokenizer.decode(answer[:-1]).strip()
         assert dm.tokenizer.decode(ids[:n].tolist()).startswith("user\n")
+
+
+def test_llava_ov_template_puts_the_image_inside_the_first_user_turn(hf_dir):
+    """`<|im_start|>user\\n` <image> `\\nQ<|im_end|>\\n<|im_start|>assistant\\nA<|im_end|>`, the image in the
+    first turn only: image_at is the ids before it, the rest encodes the text after it."""
+    raw = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    enc = lambda text: raw.encode(text, add_special_tokens=False).ids  # noqa: E731
+    for name, start in (("llava_ov", ""), ("llava_ov_system", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")):
+        tok = load_tokenizer(hf_dir, chat_template=name)
+        pairs = [("what color is the box ?", "red"), ("how many red circles are there ?", "2")]
+        text = tok.render(pairs)
+        before, after = text.split("<image>")
+        assert before == start + "<|im_start|>user\n" and after.startswith("\nwhat color is the box ?<|im_end|>\n")
+        assert after.count("<|im_start|>user\n") == 1 and after.endswith("assistant\n2<|im_end|>")
+        input_ids, labels = tok.encode_chat(pairs)
+        full = enc(before) + enc(after)
+        assert tok.image_at == len(enc(before)) > 0
+        assert input_ids.tolist() + [labels.tolist()[-1]] == full
+        assert tok.decode(_supervised(input_ids, labels)) == "red2"
+        prompt = tok.prompt(pairs[1][0], history=pairs[:1])
+        assert prompt == full[: len(prompt)] and tok.decode(prompt).endswith("?\nassistant\n")
+        assert tok.prompt(pairs[0][0]) == enc(before) + enc(after.split("red<|im_end|>")[0])
+    assert load_tokenizer(hf_dir).image_at == 0 and WordTokenizer(vocabulary()).image_at == 0  # the image first
+
+
+def test_chat_layout_through_lightning_fit_validate_predict(hf_dir, tmp_path):
+    """A VISOR model trained and evaluated on batches in the llava_ov layout: the batch says where the
+    image goes, and the module's logits, FLOPs and predictions use it."""
+    import lightning as L
+    from src.data.datamodule import VQADataModule
+    from src.flops import sample_flops
+    from src.lit.batch import answer_logits
+    from src.lit.module import VisorLitModule
+    from src.models import DecoderConfig, LayerPlan, VisionEncoder, VisorLVLM
+
+    torch.manual_seed(0)
+    plan = LayerPlan(n_layers=6, self_layers=[0, 3], optional_self=[3], cross_layers=[1, 4])
+    lvlm = VisorLVLM(VisionEncoder("test_byobnet", 2, 32), DecoderConfig(preset="tiny", vocab_size=400), plan)
+    module = VisorLitModule(lvlm, max_new_tokens=3, warmup_steps=1)
+    dm = VQADataModule(root=str(tmp_path / "data"), train_images=4, val_images=2, images_per_shard=4, image_size=32,
+                       batch_size=2, val_batch_size=4, num_workers=0, tokenizer_path=str(hf_dir),
+                       chat_template="llava_ov", max_text_len=48)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=dm)
+    batch = next(iter(dm.val_dataloader()))
+    A = dm.tokenizer.image_at
+    assert batch["image_at"] == A > 0
+    with torch.no_grad():
+        ours = answer_logits(module.lvlm.eval(), batch)
+        at = batch["labels"] != -100
+        assert torch.equal(ours, module.lvlm(batch["images"], batch["input_ids"], logits_at=at, image_at=A))
+        assert not torch.allclose(ours, module.lvlm(batch["images"], batch["input_ids"], logits_at=at))
+    rows = [r for b in trainer.predict(module, datamodule=dm) for r in b]
+    assert rows and all(r["question"].endswith("?") and "<|" not in r["question"] and r["prompt_tokens"] > A
+                        for r in rows)
+    r = rows[0]
+    assert r["gflops"] == pytest.approx(sample_flops(module.lvlm, r["prompt_tokens"], r["budget"], image_at=A).llm / 1e9)
+    assert r["gflops"] < sample_flops(module.lvlm, r["prompt_tokens"], r["budget"]).llm / 1e9

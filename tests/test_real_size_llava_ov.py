@@ -1,6 +1,7 @@
 """LLaVA-OneVision at its real 0.5B configuration (SigLIP-so400m tower cut at layer 26, Qwen2-0.5B with
 LLaVA-OV's 152000-row vocabulary), random weights saved by `transformers`, converted by
-`python -m src.convert_llava_ov`: logits against transformers at a multi-tile AnyRes image, then
+`python -m src.convert_llava_ov`: logits against transformers at a multi-tile AnyRes image inside a
+chat prompt (3 text tokens before the image, as `<|im_start|>user\n`), then
 `fit` (2 steps) and `predict` under the shipped configs/llava_ov_0.5b.yaml (and its AnyRes delta),
 overriding the paths and the run's length only. A stand-in tokenizer.json carries Qwen2's real
 special-token ids. About 4.5 minutes and a 15.5 GB peak (RSS) on 2 CPU cores: `slow`."""
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QWEN2_SPECIAL = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 IMAGE_TOKEN = 151646
 WIDE = (300, 700)  # (H, W): a 1 x 2 tile grid
+IMAGE_AT = 3  # text tokens before the image
 
 
 def real_config():
@@ -68,8 +70,9 @@ def real(tmp_path_factory):
     text = torch.randint(0, 151000, (1, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         V = hf.model.get_image_features(pix["pixel_values"], pix["image_sizes"]).pooler_output[0].shape[0]
-        ids = torch.cat([torch.full((1, V), IMAGE_TOKEN), text], dim=1)
-        ref = hf(input_ids=ids, pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"]).logits[:, V:]
+        ids = torch.cat([text[:, :IMAGE_AT], torch.full((1, V), IMAGE_TOKEN), text[:, IMAGE_AT:]], dim=1)
+        ref = hf(input_ids=ids, pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"]).logits
+        ref = torch.cat([ref[:, :IMAGE_AT], ref[:, IMAGE_AT + V:]], dim=1)  # the text positions
     del hf
     from src.convert_llava_ov import main
     main(["--hf-dir", str(root / "hf"), "--out", str(root / "converted")])
@@ -88,9 +91,10 @@ def test_converted_anyres_logits_equal_transformers(real):
     assert ours.anyres.tile_grid(*WIDE) == (1, 2) and ours.anyres.num_tokens(*WIDE) == V
     tiled = TiledImages.stack([ours.anyres.crops(image)], [WIDE])
     with torch.no_grad():
-        logits = ours(tiled, text)
+        logits = ours(tiled, text, image_at=IMAGE_AT)
     diff = float((logits - ref).abs().max())
-    print(f"\nAnyRes {WIDE[0]}x{WIDE[1]}: {V} visual tokens (transformers {V}); max |logit diff| {diff:.2e}")
+    print(f"\nAnyRes {WIDE[0]}x{WIDE[1]}: {V} visual tokens (transformers {V}) after {IMAGE_AT} text tokens; "
+          f"max |logit diff| {diff:.2e}")
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
 
 
@@ -113,6 +117,7 @@ def test_shipped_config_fits_and_predicts(real, tmp_path, monkeypatch, delta):
                 "--trainer.limit_val_batches", "1"])
     fit_s = time.perf_counter() - t0
     assert cli.trainer.global_step == 2 and (cli.model.lvlm.anyres is not None) == bool(delta)
+    assert cli.datamodule.tokenizer.image_at > 0  # the shipped config's chat layout: the image inside the user turn
     ckpt = tmp_path / "last.ckpt"  # the run is shorter than the config's checkpoint interval
     cli.trainer.save_checkpoint(str(ckpt))
     out = tmp_path / "preds.jsonl"

@@ -153,10 +153,15 @@ class VQADataModule(L.LightningDataModule):
         return int(run_seed) if run_seed is not None else h.seed
 
     def _loader(self, split: str, batch_size: int, shuffle: int) -> DataLoader:
-        assert self.tokenizer is not None, "call setup() first"
         ds = qa_dataset(self.shards(split), self.expanders[split], shuffle=shuffle, seed=self.training_order_seed())
+        return self._batches(ds, batch_size)
+
+    def _batches(self, ds, batch_size: int) -> DataLoader:
+        """Batches of `ds` padded by `collate`, which records where the tokenizer puts the image."""
+        assert self.tokenizer is not None, "call setup() first"
         return DataLoader(ds, batch_size=batch_size, num_workers=self.hparams.num_workers,
-                          collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_id),
+                          collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_id,
+                                                       image_at=self.tokenizer.image_at),
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
@@ -180,7 +185,4 @@ class VQADataModule(L.LightningDataModule):
         if not urls:
             raise FileNotFoundError(f"data.predict_shards={h.predict_shards} names no .tar shards "
                                     "(give a folder of shards or a glob such as 'dir/test-*.tar')")
-        ds = qa_dataset(urls, self.expanders["val"], shuffle=0, seed=h.seed)
-        return DataLoader(ds, batch_size=h.val_batch_size, num_workers=h.num_workers,
-                          collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_id),
-                          persistent_workers=h.num_workers > 0)
+        return self._batches(qa_dataset(urls, self.expanders["val"], shuffle=0, seed=h.seed), h.val_batch_size)

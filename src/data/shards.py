@@ -274,8 +274,9 @@ class QAExpander:
                 "difficulty": "multi" if multi else first["difficulty"], "key": raw.get("__key__", "")}
 
 
-def collate(samples: List[dict], pad_id: int) -> Dict[str, object]:
-    """Right-pad a list of QA samples into a batch; sums the skip counts."""
+def collate(samples: List[dict], pad_id: int, image_at: int = 0) -> Dict[str, object]:
+    """Right-pad a list of QA samples into a batch; sums the skip counts. image_at: the tokenizer's
+    ids before the image in every sequence (`ChatTokenizer.image_at`), carried as batch["image_at"]."""
     T = max(len(s["input_ids"]) for s in samples)
     B = len(samples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -293,7 +294,7 @@ def collate(samples: List[dict], pad_id: int) -> Dict[str, object]:
     return {"images": images,
             "input_ids": input_ids, "labels": labels,  # (B, T)
             "task": [s["task"] for s in samples], "difficulty": [s["difficulty"] for s in samples],
-            "key": [s["key"] for s in samples], "skipped": dict(skipped)}
+            "key": [s["key"] for s in samples], "skipped": dict(skipped), "image_at": image_at}
 
 
 def qa_dataset(urls: List[str], expander: QAExpander, shuffle: int = 0, seed: int = 0) -> wds.WebDataset:

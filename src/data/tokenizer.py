@@ -7,7 +7,10 @@ A sequence is
 
     start  turn_1  sep  turn_2  sep ...  turn_n        turn = head question tail answer end
 
-where only `answer end` is supervised (`end` is `eos_id`, where generation stops).
+where only `answer end` is supervised (`end` is `eos_id`, where generation stops). The image is
+not a token: the model puts its visual tokens after the first `image_at` ids, which is 0 (before
+all the text) or, for a template with `ChatTemplate.image`, inside the first turn after its head,
+followed by `image_ids` (LLaVA-OneVision: `<|im_start|>user\n` <image> `\n` question ...).
 
 - `WordTokenizer` (the embedded default, saved as JSON beside the shards):
   `<bos> q1 <sep> a1 <eos> q2 <sep> a2 <eos>` (start `<bos>`, tail `<sep>`, end `<eos>`).
@@ -55,6 +58,8 @@ class ChatTokenizer(abc.ABC):
 
     start_ids: List[int]  # once, before the first turn (BOS, a system prompt)
     sep_ids: List[int]  # between two turns (no loss)
+    image_at: int = 0  # ids before the image in every sequence (see the module docstring)
+    image_ids: List[int] = []  # right after the image, before the first question (no loss)
     pad_id: int  # never inside a built sequence: padding can be told from tokens by value
     eos_id: int  # ends every answer (supervised); generation stops here
 
@@ -78,7 +83,8 @@ class ChatTokenizer(abc.ABC):
     def sequence_length(self, turns: Sequence[ChatTurn]) -> int:
         """Length T of `build(turns)`'s input_ids (tokens less the last, as inputs are shifted)."""
         assert turns, "at least one turn"
-        return len(self.start_ids) + sum(len(t) for t in turns) + (len(turns) - 1) * len(self.sep_ids) - 1
+        return (len(self.start_ids) + len(self.image_ids) + sum(len(t) for t in turns)
+                + (len(turns) - 1) * len(self.sep_ids) - 1)
 
     def build(self, turns: Sequence[ChatTurn]) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> (input_ids (T,) int64, labels (T,) int64), T = sequence_length(turns).
@@ -88,7 +94,7 @@ class ChatTokenizer(abc.ABC):
         assert turns, "at least one turn"
         tokens, supervised = list(self.start_ids), [False] * len(self.start_ids)
         for i, turn in enumerate(turns):
-            prompt = (self.sep_ids if i else []) + turn.head + turn.question + turn.tail
+            prompt = (self.sep_ids + turn.head if i else turn.head + self.image_ids) + turn.question + turn.tail
             tokens += prompt + turn.answer
             supervised += [False] * len(prompt) + [True] * len(turn.answer)
         input_ids = torch.tensor(tokens[:-1], dtype=torch.long)  # (T,)
@@ -105,11 +111,11 @@ class ChatTokenizer(abc.ABC):
         """Ids to generate the answer to `question` from, after the answered turns `history`;
         generation should stop at `eos_id`."""
         tokens = list(self.start_ids)
-        for q, a in history:
+        for i, (q, a) in enumerate(history):
             t = self.chat_turn(q, a)
-            tokens += t.head + t.question + t.tail + t.answer + self.sep_ids
+            tokens += t.head + (self.image_ids if i == 0 else []) + t.question + t.tail + t.answer + self.sep_ids
         t = self.chat_turn(question, "")
-        return tokens + t.head + t.question + t.tail
+        return tokens + t.head + ([] if history else self.image_ids) + t.question + t.tail
 
 
 class WordTokenizer(ChatTokenizer):
@@ -155,20 +161,29 @@ class WordTokenizer(ChatTokenizer):
 class ChatTemplate:
     """A chat layout as plain strings (see the module docstring): `start` once, then per turn
     `user` question `assistant` answer `end`, turns joined by `sep`. `end` must be one token
-    of the vocabulary; it becomes `eos_id`."""
+    of the vocabulary; it becomes `eos_id`. `image`: None puts the image before all the text;
+    a string puts it inside the first turn, after `user`, this string following it."""
 
     start: str = ""
     user: str = "<|im_start|>user\n"
     assistant: str = "<|im_end|>\n<|im_start|>assistant\n"
     end: str = "<|im_end|>"
     sep: str = "\n"
+    image: Optional[str] = None
 
 
+_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 CHAT_TEMPLATES: Dict[str, ChatTemplate] = {
-    # Qwen2 / LLaVA-OneVision (ChatML) as the Hugging Face processor renders it, no system turn.
+    # Qwen2's ChatML, no system turn, the image before all the text.
     "chatml": ChatTemplate(),
-    # ChatML with the system turn LLaVA-NeXT/OneVision training used.
-    "chatml_system": ChatTemplate(start="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"),
+    # ChatML with the system turn LLaVA-NeXT/OneVision training used, the image before all the text.
+    "chatml_system": ChatTemplate(start=_SYSTEM),
+    # LLaVA-OneVision's layout: the image inside the first user turn, `<|im_start|>user\n<image>\nQ`
+    # (DEFAULT_IMAGE_TOKEN + "\n" before the first question, as LLaVA-NeXT's training data and
+    # transformers' LlavaOnevisionProcessor chat template render it), no system turn ...
+    "llava_ov": ChatTemplate(image="\n"),
+    # ... and with the system turn of LLaVA-NeXT's `qwen_1_5` conversation template.
+    "llava_ov_system": ChatTemplate(start=_SYSTEM, image="\n"),
 }
 
 
@@ -201,7 +216,9 @@ class HFTokenizer(ChatTokenizer):
         self.pad_id = self._token_id(pad_token, "pad_token")
         self.start_ids, self.sep_ids = self._encode(t.start), self._encode(t.sep)
         self._head, self._tail = self._encode(t.user), self._encode(t.assistant)
-        fixed = set(self.start_ids + self.sep_ids + self._head + self._tail + [self.eos_id])
+        if t.image is not None:
+            self.image_at, self.image_ids = len(self.start_ids) + len(self._head), self._encode(t.image)
+        fixed = set(self.start_ids + self.sep_ids + self._head + self._tail + self.image_ids + [self.eos_id])
         if self.pad_id in fixed:
             raise ValueError(f"{name}: pad_token {pad_token!r} (id {self.pad_id}) occurs in the chat template; "
                              "choose another pad_token")
@@ -229,10 +246,13 @@ class HFTokenizer(ChatTokenizer):
         return ChatTurn(list(self._head), self._encode(question), list(self._tail),
                         self._encode(answer) + [self.eos_id])
 
-    def render(self, pairs: Sequence[Tuple[str, str]]) -> str:
-        """The chat as text (for reading and checks; `encode_chat` encodes it piece by piece)."""
+    def render(self, pairs: Sequence[Tuple[str, str]], image: str = "<image>") -> str:
+        """The chat as text (for reading and checks; `encode_chat` encodes it piece by piece), with
+        `image` where the visual tokens go."""
         t = self.template
-        return t.start + t.sep.join(f"{t.user}{q}{t.assistant}{a}{t.end}" for q, a in pairs)
+        turns = [f"{t.user}{image + t.image if i == 0 and t.image is not None else ''}{q}{t.assistant}{a}{t.end}"
+                 for i, (q, a) in enumerate(pairs)]
+        return (t.start if t.image is not None else image + t.start) + t.sep.join(turns)
 
     @classmethod
     def from_file(cls, path: str | Path, template: Union[str, ChatTemplate] = "chatml",

@@ -18,6 +18,12 @@ def image_sizes(batch: dict) -> List[Optional[Tuple[int, int]]]:
     return [None] * images.shape[0]
 
 
+def image_at(batch: dict) -> int:
+    """Text tokens before the image in every sequence of the batch (`ChatTokenizer.image_at`, which
+    `src.data.shards.collate` records; absent: 0, the image before all the text)."""
+    return int(batch.get("image_at", 0))
+
+
 def query_index(labels: torch.Tensor) -> torch.Tensor:
     """labels (B, T), -100 off the answers and already shifted (labels[t] is the target of position
     t) -> (B,) int64: the last prompt token, the position that predicts the first answer token
@@ -34,4 +40,4 @@ def answer_logits(lvlm: VisorLVLM, batch: dict, budget: Optional[Union[int, torc
     the largest; an index; (B,) indices): the LM head runs only where the loss and metrics read it."""
     labels = batch["labels"]
     return lvlm(batch["images"], batch["input_ids"], budget=budget, query_index=query_index(labels),
-                logits_at=labels != -100)
+                logits_at=labels != -100, image_at=image_at(batch))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from src.data.generator import TASKS
 from src.flops import SampleFlops, sample_flops
-from src.lit.batch import answer_logits, image_sizes
+from src.lit.batch import answer_logits, image_at, image_sizes
 from src.lit.checkpoint_io import load_base_checkpoint
 from src.lit.frozen import hold_eval
 from src.lit.predict import log_cache_report, prediction_rows, split_prompt
@@ -225,8 +225,8 @@ class VisorLitModule(L.LightningModule):
         B = len(batch["task"])
         # Per-sample GFLOPs with each sample's own (unpadded) text length.
         lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
-        sizes = image_sizes(batch)
-        flops = [sample_flops(self.lvlm, t, image_hw=hw) for t, hw in zip(lengths, sizes)]
+        sizes, at = image_sizes(batch), image_at(batch)
+        flops = [sample_flops(self.lvlm, t, image_hw=hw, image_at=at) for t, hw in zip(lengths, sizes)]
         self.log("val/loss", loss, batch_size=B)
         self._val_flops += flops
         for j, k in enumerate(self.val_budgets):  # every budget of a universal model
@@ -237,7 +237,7 @@ class VisorLitModule(L.LightningModule):
                 correct_k = exact_match(logits_k, batch["labels"])
             self.val_budget_acc[j].update(correct_k, batch["difficulty"])
             self.val_budget_task_acc[j].update(correct_k, batch["task"])
-            self._val_budget_flops[j] += [sample_flops(self.lvlm, t, k, hw).llm / 1e9 for t, hw in zip(lengths, sizes)]
+            self._val_budget_flops[j] += [sample_flops(self.lvlm, t, k, hw, at).llm / 1e9 for t, hw in zip(lengths, sizes)]
 
     def on_validation_epoch_end(self) -> None:
         tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
@@ -308,7 +308,7 @@ class VisorLitModule(L.LightningModule):
         budget = self.hparams.predict_budget
         out = generate(self.lvlm, batch["images"], prompt, lens, self.hparams.max_new_tokens,
                        budget=self.lvlm.plan.largest_budget if budget is None else budget,
-                       eos_id=getattr(self.tokenizer, "eos_id", None), pad_id=self.pad_id)
+                       eos_id=getattr(self.tokenizer, "eos_id", None), pad_id=self.pad_id, image_at=image_at(batch))
         return prediction_rows(self.lvlm, batch, prompt, lens, out, self.tokenizer, self._predict_seen)
 
     # -- optimiser ------------------------------------------------------------------------------

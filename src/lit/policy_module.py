@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from src.data.generator import TASKS
 from src.flops import sample_flops
-from src.lit.batch import answer_logits, image_sizes, query_index
+from src.lit.batch import answer_logits, image_at, image_sizes, query_index
 from src.lit.checkpoint_io import load_base_checkpoint
 from src.lit.frozen import hold_eval
 from src.lit.predict import log_cache_report, prediction_rows, split_prompt
@@ -136,10 +136,13 @@ class PolicyLitModule(L.LightningModule):
         """(B, T) bool: the question tokens (not answers, not padding) the router pools."""
         return (batch["labels"] == -100) & (batch["input_ids"] != self.pad_id)
 
-    def _budget_flops(self, batch: dict) -> torch.Tensor:
-        """(B, K) float64: every budget's LLM FLOPs for each sample (at its own text length)."""
-        lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
-        rows = [[sample_flops(self.lvlm, t, k, hw).llm for k in range(self.n_budgets)]
+    def _budget_flops(self, batch: dict, lengths: Optional[List[int]] = None) -> torch.Tensor:
+        """(B, K) float64: every budget's LLM FLOPs for each sample at `lengths` text tokens (default
+        its own unpadded length)."""
+        if lengths is None:
+            lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
+        at = image_at(batch)
+        rows = [[sample_flops(self.lvlm, int(t), k, hw, at).llm for k in range(self.n_budgets)]
                 for t, hw in zip(lengths, image_sizes(batch))]
         return torch.tensor(rows, dtype=torch.float64, device=batch["input_ids"].device)
 
@@ -164,7 +167,7 @@ class PolicyLitModule(L.LightningModule):
         """-> (answer logits (N, vocab), router logits (B, K), budgets (B,))."""
         labels = batch["labels"]
         return self.lvlm.routed(batch["images"], batch["input_ids"], self._prompt_mask(batch), choose,
-                                query_index(labels), logits_at=labels != -100)
+                                query_index(labels), logits_at=labels != -100, image_at=image_at(batch))
 
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -266,9 +269,7 @@ class PolicyLitModule(L.LightningModule):
         prompt lengths; the router pools the same question tokens as in validation) -> one row per sample."""
         h, plan = self.hparams, self.lvlm.plan
         prompt, lens = split_prompt(batch, self.pad_id)
-        flops = torch.tensor([[sample_flops(self.lvlm, int(t), k, hw).llm for k in range(self.n_budgets)]
-                              for t, hw in zip(lens.tolist(), image_sizes(batch))], dtype=torch.float64)  # (B, K)
-        costs = self._costs(flops).mean(0).to(prompt.device)  # (K,)
+        costs = self._costs(self._budget_flops(batch, lens.tolist())).mean(0).to(prompt.device)  # (K,)
 
         def choose(router_logits):
             return select_budgets(router_logits, h.inference, costs, h.target_cost, plan.largest_budget,
@@ -276,7 +277,8 @@ class PolicyLitModule(L.LightningModule):
 
         mask = self._prompt_mask(batch)[:, : prompt.shape[1]]  # (B, P)
         out = generate(self.lvlm, batch["images"], prompt, lens, h.max_new_tokens, budget=choose,
-                       eos_id=getattr(self.tokenizer, "eos_id", None), pad_id=self.pad_id, prompt_mask=mask)
+                       eos_id=getattr(self.tokenizer, "eos_id", None), pad_id=self.pad_id, prompt_mask=mask,
+                       image_at=image_at(batch))
         return prediction_rows(self.lvlm, batch, prompt, lens, out, self.tokenizer, self._predict_seen)
 
     def configure_optimizers(self):

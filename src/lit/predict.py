@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from src.flops import sample_flops
-from src.lit.batch import image_sizes, query_index
+from src.lit.batch import image_at, image_sizes, query_index
 from src.models.generation import GenerationOutput, visual_kv_bytes
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def _question_ids(tokenizer, prompt: Sequence[int]) -> List[int]:
     if not hasattr(tokenizer, "chat_turn") or not hasattr(tokenizer, "start_ids"):
         return list(prompt)
     empty = tokenizer.chat_turn("", "")
-    lo, hi = len(tokenizer.start_ids) + len(empty.head), len(prompt) - len(empty.tail)
+    lo = len(tokenizer.start_ids) + len(empty.head) + len(getattr(tokenizer, "image_ids", []))
+    hi = len(prompt) - len(empty.tail)
     return list(prompt[lo:hi]) if lo <= hi else list(prompt)
 
 
@@ -87,9 +88,10 @@ def prediction_rows(lvlm, batch: dict, prompt: torch.Tensor, prompt_lens: torch.
     """One JSON-ready dict per sample: id (`<key>/<n>`, n counting the image's questions in reading
     order via `seen`), question, answer (reference), prediction, correct (exact match of the
     texts), task, difficulty, budget (index) and budget_layers (e.g. "SCTCTC"), prompt and generated
-    token counts, and GFLOPs from `src.flops.sample_flops` at the sample's budget and prompt length:
-    `gflops` (LLM) and `gflops_total` (+ vision encoder and projector). They count the prefill
-    forward over the prompt (what one forward pass costs), not the decode steps."""
+    token counts, the generated ids, the image's visual tokens and the visual KV cache it held
+    (`visual_kv_kib`, at its budget), and GFLOPs from `src.flops.sample_flops` at the sample's budget
+    and prompt length: `gflops` (LLM) and `gflops_total` (+ vision encoder and projector). They count
+    the prefill forward over the prompt (what one forward pass costs), not the decode steps."""
     B = prompt.shape[0]
     seen = Counter() if seen is None else seen
     eos = getattr(tokenizer, "eos_id", None)
@@ -112,13 +114,16 @@ def prediction_rows(lvlm, batch: dict, prompt: torch.Tensor, prompt_lens: torch.
         else:
             question, answer, prediction = question_ids, answer_ids, new_text
             correct = new_text == answer_ids
-        flops = sample_flops(lvlm, P, k, image_sizes(batch)[b])
+        hw = image_sizes(batch)[b]
+        flops = sample_flops(lvlm, P, k, hw, image_at(batch))
+        n_visual = lvlm.num_visual_tokens if hw is None else lvlm.anyres.num_tokens(*hw)
         rows.append({
             "id": f"{key}/{n}", "question": question, "answer": answer, "prediction": prediction,
             "correct": bool(correct), "task": batch.get("task", [None] * B)[b],
             "difficulty": batch.get("difficulty", [None] * B)[b], "budget": k, "budget_layers": plan.budget_name(k),
             "prompt_tokens": P, "generated_tokens": len(new), "generated_ids": new,  # eos included: an empty or
             # odd prediction can be diagnosed from the file
+            "visual_tokens": n_visual, "visual_kv_kib": visual_kv_bytes(lvlm, k, n_visual=n_visual) / 1024,
             "gflops": flops.llm / 1e9,
             "gflops_total": flops.total / 1e9,
         })
@@ -126,11 +131,20 @@ def prediction_rows(lvlm, batch: dict, prompt: torch.Tensor, prompt_lens: torch.
 
 
 def log_cache_report(lvlm) -> None:
-    """One line: visual KV-cache bytes per sample at each budget, and the ratio to the all-self LVLM."""
-    full = visual_kv_bytes(lvlm, all_self=True)
-    parts = [f"budget {k} ({lvlm.plan.budget_name(k)}): {visual_kv_bytes(lvlm, k) / 1024:.1f} KiB "
-             f"(all-self / this = {full / max(1, visual_kv_bytes(lvlm, k)):.2f}x)" for k in range(lvlm.plan.n_budgets)]
-    rank_zero_info(f"[predict] visual KV cache per sample: all-self {full / 1024:.1f} KiB; " + "; ".join(parts))
+    """One line: visual KV-cache bytes per sample at each budget, and the ratio to the all-self LVLM,
+    for one crop's visual tokens, or with AnyRes a tile-sized image's (a base crop and one tile); each
+    predict row has its own image's (`visual_kv_kib`)."""
+    if lvlm.anyres is None:
+        n, what = lvlm.num_visual_tokens, "one crop"
+    else:
+        side = lvlm.anyres.tile
+        n, what = lvlm.anyres.num_tokens(side, side), f"a {side}x{side} AnyRes image"
+    full = visual_kv_bytes(lvlm, all_self=True, n_visual=n)
+    parts = [f"budget {k} ({lvlm.plan.budget_name(k)}): {visual_kv_bytes(lvlm, k, n_visual=n) / 1024:.1f} KiB "
+             f"(all-self / this = {full / max(1, visual_kv_bytes(lvlm, k, n_visual=n)):.2f}x)"
+             for k in range(lvlm.plan.n_budgets)]
+    rank_zero_info(f"[predict] visual KV cache per sample ({what}: {n} visual tokens; each row gives its "
+                   f"image's): all-self {full / 1024:.1f} KiB; " + "; ".join(parts))
 
 
 class JsonlPredictionWriter(BasePredictionWriter):

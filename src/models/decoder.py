@@ -1,13 +1,17 @@
 """A Llama/Qwen2-family decoder driven by a VISOR LayerPlan, top to bottom in one file.
 
 RMSNorm, RoPE (configurable theta), GQA, SwiGLU, optional qkv bias, optional tied embeddings.
-Sequence layout is the original LVLM's: [visual tokens; text tokens], RoPE positions 0..V-1 for
-the visual tokens and V.. for text in every layer kind, causal mask over the whole sequence.
+Sequence layout is the original LVLM's: `image_at` text tokens (a chat template's start and first
+user-turn head; 0: the image comes first), the visual tokens, then the rest of the text, with RoPE
+positions in that order in every layer kind and a causal mask over the whole sequence. The decoder
+keeps the visual and the text tokens as two streams, (B, V, d) and (B, T, d), the text stream
+holding the tokens before the image at its head.
 
 Per layer kind (see LayerPlan):
-  self  : the ordinary layer over [visual; text]           (visual tokens updated)
-  cross : text += gated cross-attn(text -> visual), then the ordinary layer over text only
-  text  : the ordinary layer over text only                 (visual tokens not read)
+  self  : the ordinary layer over the whole sequence, in order  (visual tokens updated)
+  cross : text after the image += gated cross-attn(text -> visual), then the ordinary layer over
+          text only (the text before the image does not read it, as in the original causal order)
+  text  : the ordinary layer over text only                      (visual tokens not read)
 Text tokens are right-padded, so the causal mask alone keeps valid queries off padded keys.
 
 `Decoder.run_layers` is the model's one layer loop: training, the prefill (which fills a KVCache,
@@ -165,6 +169,15 @@ class DecoderLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def _in_sequence_order(visual: torch.Tensor, text: torch.Tensor, image_at: int, dim: int) -> torch.Tensor:
+    """The two streams -> the sequence in its own order along `dim`: text[:image_at], visual,
+    text[image_at:] (so a causal mask over it is the original model's)."""
+    if not image_at:
+        return torch.cat([visual, text], dim)
+    head, tail = text.split([image_at, text.shape[dim] - image_at], dim)
+    return torch.cat([head, visual, tail], dim)
+
+
 class Decoder(nn.Module):
     """`fastv`: an in-LLM token drop (FastVReducer) run before layer `fastv.layer`; `cross_rope`:
     the cross sublayers rotate queries and keys at their original positions (see CrossAttention)."""
@@ -230,25 +243,31 @@ class Decoder(nn.Module):
 
     @staticmethod
     def positions(V: int, T: int, device: torch.device, visual_positions: Optional[torch.Tensor] = None,
-                  text_start: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
-        """RoPE positions of [visual; text] -> (N, V+T) int64, N = 1 or B.
+                  text_start: Optional[Union[int, torch.Tensor]] = None, image_at: int = 0) -> torch.Tensor:
+        """RoPE positions of the two streams [visual; text] -> (N, V+T) int64, N = 1 or B.
 
-        Default: visual 0..V-1, text V... `visual_positions` (B, V): the visual tokens' own
-        positions (kept tokens of a token reducer keep their original ones); `text_start`: the
-        first text position, one for all (default V) or (B,) per sample (AnyRes images of different
-        token counts: each sample's text right after its own visual tokens)."""
+        The sequence is text[:image_at], the image, text[image_at:]. Default (image_at = 0): visual
+        0..V-1, text V... `visual_positions` (B, V): the visual tokens' own positions within the image
+        (kept tokens of a token reducer keep their original ones); `text_start`: the positions the
+        image spans, one for all (default V) or (B,) per sample (AnyRes images of different token
+        counts): text slot t >= image_at sits at text_start + t, slot t < image_at at t, and the
+        image at image_at + its own positions."""
+        assert 0 <= image_at <= T, f"image_at must be in [0, T={T}], got {image_at}"
         text_start = V if text_start is None else text_start
         if isinstance(text_start, torch.Tensor):
             assert text_start.dim() == 1, f"text_start must be an int or (B,), got {tuple(text_start.shape)}"
             text_pos = text_start.to(device)[:, None] + torch.arange(T, device=device)  # (B, T)
         else:
             text_pos = torch.arange(text_start, text_start + T, device=device)[None]  # (1, T)
+        if image_at:
+            text_pos = torch.cat([torch.arange(image_at, device=device)[None].expand(text_pos.shape[0], -1),
+                                  text_pos[:, image_at:]], dim=1)
         if visual_positions is None:
             visual_positions = torch.arange(V, device=device)[None]
         assert visual_positions.dim() == 2 and visual_positions.shape[1] == V, (
             f"visual_positions must be (B, V={V}), got {tuple(visual_positions.shape)}")
         N = max(visual_positions.shape[0], text_pos.shape[0])
-        return torch.cat([visual_positions.expand(N, -1), text_pos.expand(N, -1)], dim=1)
+        return torch.cat([visual_positions.expand(N, -1) + image_at, text_pos.expand(N, -1)], dim=1)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """positions (N, S) -> cos, sin (N, 1, S, hd) (N = 1 or B; broadcast over heads)."""
@@ -263,6 +282,7 @@ class Decoder(nn.Module):
         budget: Optional[Union[int, torch.Tensor]] = None,
         positions: Optional[torch.Tensor] = None,
         query_index: Optional[torch.Tensor] = None,
+        image_at: int = 0,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run the plan.
 
@@ -270,14 +290,15 @@ class Decoder(nn.Module):
         visual_kv_lens (B,) or None: valid visual tokens per sample, padding after them (hidden from every attention);
         budget: None (the largest), a budget index for the whole batch, or (B,) int64 indices;
         positions (N, V+T) from `positions` (default: 0..V+T-1); query_index (B,) int64: the
-        last prompt token per sample, whose attention ranks visual tokens for fastv (default T-1).
+        last prompt token per sample, whose attention ranks visual tokens for fastv (default T-1);
+        image_at: text tokens before the image (see the module docstring).
         Returns (text hidden states after the final norm (B, T, d), visual hidden states (B, V', d);
         V' < V after a fastv drop).
         """
         if positions is None:
-            positions = self.positions(visual.shape[1], text.shape[1], text.device)
+            positions = self.positions(visual.shape[1], text.shape[1], text.device, image_at=image_at)
         visual, text, _ = self.run_layers(visual, text, 0, self.config.n_layers, positions, budget,
-                                          visual_kv_lens, query_index)
+                                          visual_kv_lens, query_index, image_at=image_at)
         return self.norm(text), visual
 
     def run_layers(
@@ -291,6 +312,7 @@ class Decoder(nn.Module):
         visual_kv_lens: Optional[torch.Tensor] = None,
         query_index: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
+        image_at: int = 0,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layers [start, end) -> (visual (B, V', d), text (B, T, d), positions (N, V'+T)), no final norm.
 
@@ -304,7 +326,9 @@ class Decoder(nn.Module):
         cache: None (no cache); a KVCache holding fewer than `end` layers: a prefill, which appends
         each layer's row groups (budgets fixed from here on); a full one: a decode step, text (B, 1, d)
         the new token per sample at text slot cache.lengths, visual (B, 0, d), positions (B, 1) its
-        RoPE position; the row groups, the visual K/V and the visual lengths come from the cache.
+        RoPE position; the row groups, the visual K/V, the visual lengths and `image_at` come from the cache.
+        image_at: the text tokens before the image (the first image_at rows of `text`; see the module
+        docstring); a prefill records it in the cache.
         """
         assert visual.dim() == 3 and text.dim() == 3, "visual (B, V, d) and text (B, T, d) expected"
         assert visual.shape[0] == text.shape[0] and visual.shape[2] == text.shape[2] == self.config.d_model
@@ -319,9 +343,12 @@ class Decoder(nn.Module):
             slots = cache.lengths
             if int(slots.max()) >= cache.capacity:
                 raise RuntimeError(f"KV cache full: {cache.capacity} text slots per sample")
-            visual_kv_lens = cache.visual_lens
-        elif cache is not None:
-            assert len(cache.layers) == start, f"the cache holds {len(cache.layers)} layers, the prefill starts at {start}"
+            visual_kv_lens, image_at = cache.visual_lens, cache.image_at
+        else:
+            assert 0 <= image_at <= T, f"image_at must be in [0, T={T}], got {image_at}"
+            if cache is not None:
+                assert len(cache.layers) == start, f"the cache holds {len(cache.layers)} layers, the prefill starts at {start}"
+                cache.image_at = image_at
         if query_index is None:
             query_index = torch.full((B,), T - 1, dtype=torch.long, device=text.device)
         assert query_index.shape == (B,), f"query_index must be (B,) = ({B},), got {tuple(query_index.shape)}"
@@ -341,7 +368,7 @@ class Decoder(nn.Module):
                 self_on = (active[:, i] if i in self.plan.optional_self
                            else torch.full((B,), self.plan.kinds[i] == "self", device=text.device))
                 scores = self._visual_attention(i, self_on, visual, text, cos, sin, query_index)
-            visual, text = self._run_groups(i, groups, visual, text, cos, sin, visual_kv_lens, caches, slots)
+            visual, text = self._run_groups(i, groups, visual, text, cos, sin, visual_kv_lens, caches, slots, image_at)
             if cache is not None and not decoding:
                 cache.layers.append(caches)
             if scores is not None:
@@ -429,13 +456,13 @@ class Decoder(nn.Module):
         n_visual = visual.shape[1] if kind == "self" else 0
         return RowCache.empty(kind, rows, n_rows, c.n_kv_heads, c.head_dim, n_visual, cache.capacity, visual)
 
-    def _run_groups(self, i: int, groups, visual, text, cos, sin, visual_kv_lens, caches, slots):
+    def _run_groups(self, i: int, groups, visual, text, cos, sin, visual_kv_lens, caches, slots, image_at: int):
         """Layer i over its row groups -> (visual, text). One group: the whole batch. Two (an optional
         self layer with mixed budgets): each group's rows are gathered and run as its kind, and the
         change is added back to the residual stream (visual changes only on the self rows)."""
         if len(groups) == 1:
             rc = None if caches is None else caches[0]
-            return self._layer(i, groups[0][0], visual, text, cos, sin, visual_kv_lens, rc, slots)
+            return self._layer(i, groups[0][0], visual, text, cos, sin, visual_kv_lens, rc, slots, image_at)
         B, V, d = visual.shape
         T = text.shape[1]
         v_flat, t_flat = visual.reshape(B, V * d), text.reshape(B, T * d)
@@ -446,27 +473,34 @@ class Decoder(nn.Module):
             cos_g, sin_g = (cos, sin) if cos.shape[0] == 1 else (cos[idx], sin[idx])  # per-sample RoPE follows its rows
             v_new, t_new = self._layer(i, kind, v_g, t_g, cos_g, sin_g,
                                        None if visual_kv_lens is None else visual_kv_lens[idx],
-                                       None if caches is None else caches[g], None if slots is None else slots[idx])
+                                       None if caches is None else caches[g], None if slots is None else slots[idx],
+                                       image_at)
             if kind == "self" and V:
                 v_out = scatter_add_rows(v_out, idx, (v_new - v_g).reshape(-1, V * d))
             t_out = scatter_add_rows(t_out, idx, (t_new - t_g).reshape(-1, T * d))
         return v_out.view(B, V, d), t_out.view(B, T, d)
 
     def _layer(self, i: int, kind: str, visual, text, cos, sin, visual_kv_lens, rc: Optional[RowCache] = None,
-               slots: Optional[torch.Tensor] = None):
+               slots: Optional[torch.Tensor] = None, image_at: int = 0):
         """Layer i as `kind` for a group's rows -> (visual, text); visual changes only under `self`.
         rc: the group's cache (filled at prefill, read at a decode step, where visual is (B_g, 0, d));
-        slots (B_g,): the decode step's text slots."""
+        slots (B_g,): the decode step's text slots; image_at: text tokens before the image (at a
+        decode step the new token comes after it: only the cached self slots are laid out by it)."""
         V = visual.shape[1]
+        before = 0 if slots is not None else image_at  # rows of `text` before the image
         if kind == "self":
             key_valid = None
             if visual_kv_lens is not None:  # keys on the visual padding are hidden
                 n_visual, n_slots = (V, V + text.shape[1]) if slots is None else (rc.n_visual, rc.k.shape[2])
-                slot = torch.arange(n_slots, device=text.device)
+                slot = torch.arange(n_slots, device=text.device) - image_at  # the visual slots from 0
                 key_valid = (slot >= n_visual) | (slot < visual_kv_lens[:, None])  # (B, n_slots)
-            x = self.layers[i](torch.cat([visual, text], dim=1), cos, sin, rc,
+            x = self.layers[i](_in_sequence_order(visual, text, before, 1),
+                               _in_sequence_order(cos[..., :V, :], cos[..., V:, :], before, 2),
+                               _in_sequence_order(sin[..., :V, :], sin[..., V:, :], before, 2), rc,
                                None if slots is None else slots + rc.n_visual, key_valid)  # (B, V+T, d)
-            return x[:, :V], x[:, V:]
+            if not before:
+                return x[:, :V], x[:, V:]
+            return x[:, before:before + V], torch.cat([x[:, :before], x[:, before + V:]], dim=1)
         if kind == "cross":
             cross = self.cross[str(i)]
             if rc is not None and rc.cross_k is not None:  # a decode step: the visual K/V from the prefill
@@ -475,7 +509,10 @@ class Decoder(nn.Module):
                 k, v = cross.visual_kv(visual, cos[..., :V, :], sin[..., :V, :])  # (B, Hkv, V, hd)
                 if rc is not None:
                     rc.cross_k, rc.cross_v = k, v
-            text = cross.attend(text, cross.queries(text, cos[..., V:, :], sin[..., V:, :]), k, v, visual_kv_lens)
+            reader = text[:, before:]  # the text after the image reads it
+            read = cross.attend(reader, cross.queries(reader, cos[..., V + before:, :], sin[..., V + before:, :]),
+                                k, v, visual_kv_lens)
+            text = torch.cat([text[:, :before], read], dim=1) if before else read
         return visual, self.layers[i](text, cos[..., V:, :], sin[..., V:, :], rc, slots)  # text keeps its positions
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,9 @@ last prompt token, and layers K.. cache only the kept visual tokens (at their ow
 AnyRes images of different token counts (`TiledImages`): each sample's visual slots are padded
 after its own tokens, the padding hidden from every attention at prefill and decode
 (`KVCache.visual_lens`), and its text starts right after its tokens (`KVCache.text_start`).
+Chat layout (`image_at` > 0, the image inside the first user turn): the prompt's first image_at
+tokens come before the image, in text slots 0..image_at-1 and, in a self layer's cache, before the
+visual slots; every new token comes after the image.
 The model should be in eval mode (generation does not change it).
 """
 from __future__ import annotations
@@ -56,14 +59,15 @@ class GenerationOutput:
 
 @torch.no_grad()
 def prefill(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: torch.Tensor, capacity: int,
-            budget: BudgetSpec = None, prompt_mask: Optional[torch.Tensor] = None
+            budget: BudgetSpec = None, prompt_mask: Optional[torch.Tensor] = None, image_at: int = 0
             ) -> Tuple[torch.Tensor, KVCache, torch.Tensor, Optional[torch.Tensor]]:
     """Run the right-padded prompts once, filling a cache of `capacity` text slots per sample.
 
     images (B, 3, S, S) or TiledImages; input_ids (B, P) right-padded; prompt_lens (B,) int64 in [1, P];
     budget: None (largest) | index | (B,) indices | 'policy' (router argmax) | a callable
     router logits (B, K) -> budgets (B,) (e.g. `select_budgets` with a mode);
-    prompt_mask (B, P) bool: the tokens the router pools (default: each sample's prompt).
+    prompt_mask (B, P) bool: the tokens the router pools (default: each sample's prompt);
+    image_at: the prompt tokens before the image (a chat template's; each prompt is longer).
     -> (logits of each sample's next token (B, vocab), cache, budgets (B,), router logits (B, K) or None).
     """
     dec = lvlm.decoder
@@ -73,6 +77,9 @@ def prefill(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: to
     prompt_lens = prompt_lens.to(device=device, dtype=torch.long)
     if bool((prompt_lens < 1).any()) or bool((prompt_lens > P).any()):
         raise ValueError(f"prompt_lens must be in [1, P={P}], got {prompt_lens.tolist()}")
+    if bool((prompt_lens <= image_at).any()):
+        raise ValueError(f"image_at={image_at} text tokens come before the image, so every prompt must be longer; "
+                         f"prompt_lens {prompt_lens.tolist()}")
     if capacity < P:
         raise ValueError(f"capacity {capacity} < prompt length {P}")
     choose = None
@@ -89,7 +96,7 @@ def prefill(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: to
     cache = KVCache(None, prompt_lens.clone(), capacity)  # text_start and visual_lens: set from the images
     query_index = prompt_lens - 1  # fastv ranks by each sample's last prompt token
     hidden, router_logits, budget = lvlm.hidden_states(images, input_ids, budget, query_index, choose, prompt_mask,
-                                                       cache)
+                                                       cache, image_at)
     last = torch.zeros(B, P, dtype=torch.bool, device=device)
     last[torch.arange(B, device=device), query_index] = True
     return lvlm.logits(hidden, last), cache, dec.resolve_budgets(budget, B, device), router_logits
@@ -125,11 +132,11 @@ def pick_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[
 def generate(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: Optional[torch.Tensor] = None,
              max_new_tokens: int = 16, budget: BudgetSpec = None, eos_id: Optional[int] = None, pad_id: int = 0,
              temperature: float = 0.0, top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             prompt_mask: Optional[torch.Tensor] = None) -> GenerationOutput:
+             prompt_mask: Optional[torch.Tensor] = None, image_at: int = 0) -> GenerationOutput:
     """Cached generation for a batch of right-padded prompts.
 
     images (B, 3, S, S) or TiledImages; input_ids (B, P) right-padded with prompt_lens (B,) (None: every prompt is P
-    long); budget: see `prefill`; eos_id: a sample stops after producing it (None: never);
+    long); budget, prompt_mask, image_at: see `prefill`; eos_id: a sample stops after producing it (None: never);
     temperature 0 is greedy, > 0 samples (top_k: from the k most likely) with `generator`.
     -> GenerationOutput (tokens (B, N <= max_new_tokens), lengths (B,), budgets (B,), ...).
     """
@@ -144,7 +151,7 @@ def generate(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: O
     if prompt_lens is None:
         prompt_lens = torch.full((B,), P, dtype=torch.long, device=input_ids.device)
     logits, cache, budgets, router_logits = prefill(lvlm, images, input_ids, prompt_lens, P + max_new_tokens,
-                                                    budget, prompt_mask)
+                                                    budget, prompt_mask, image_at)
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     lengths = torch.zeros(B, dtype=torch.long, device=input_ids.device)
     out = []

@@ -1,7 +1,8 @@
 """The KV cache that follows the layer kinds (DESIGN: "KV cache in generation").
 
 What each layer keeps for the decode steps (per sample):
-  self  : K/V of [visual; text], the visual slots first (their K/V written once, at prefill)
+  self  : K/V of the whole sequence in its order: the text before the image, the visual tokens
+          (their K/V written once, at prefill), the rest of the text
   cross : the cross sublayer's visual K/V (computed once, at prefill) + the ordinary layer's text K/V
   text  : text K/V only
 An optional self layer whose budget differs across the batch keeps two row groups, each with a
@@ -22,8 +23,8 @@ class RowCache:
 
     rows: (B_g,) int64 sample indices into the batch, or None for every sample (B_g = B).
     k, v: (B_g, Hkv, n_visual + capacity, hd): the layer's own attention keys (RoPE applied) and
-        values; for `self` the first n_visual slots are the visual tokens, then text slot t at
-        n_visual + t; for `cross` and `text`, n_visual = 0 (text only).
+        values; for `self` text slots t < image_at (KVCache) first, then the n_visual visual tokens,
+        then text slot t >= image_at at n_visual + t; for `cross` and `text`, n_visual = 0 (text only).
     cross_k, cross_v: (B_g, Hkv, V_i, hd), the cross sublayer's visual K/V (`cross` only, else None).
     """
 
@@ -62,14 +63,15 @@ class RowCache:
     def visual_bytes(self) -> int:
         """Bytes of visual K/V held: the self layer's visual slots, or the cross sublayer's K/V."""
         if self.kind == "self":
-            return 2 * self.k[:, :, : self.n_visual].numel() * self.k.element_size()
+            return 2 * self.k.shape[0] * self.k.shape[1] * self.n_visual * self.k.shape[3] * self.k.element_size()
         if self.kind == "cross":
             return (self.cross_k.numel() + self.cross_v.numel()) * self.cross_k.element_size()
         return 0
 
     def text_bytes(self) -> int:
         """Bytes allocated for text K/V (the whole capacity, used or not)."""
-        return 2 * self.k[:, :, self.n_visual:].numel() * self.k.element_size()
+        return 2 * self.k.shape[0] * self.k.shape[1] * (self.k.shape[2] - self.n_visual) * self.k.shape[3] \
+            * self.k.element_size()
 
 
 @dataclass
@@ -78,13 +80,16 @@ class KVCache:
     appended layer by layer at prefill. text_start (B,) int64: RoPE position of text slot 0 per
     sample (None until `VisorLVLM.hidden_states` prefills it from the images); lengths (B,) int64: text tokens cached per sample so far; capacity: text slots
     allocated per sample; visual_lens (B,) int64 or None: valid visual tokens per sample when the
-    visual slots are padded after them (AnyRes images of different token counts), set at prefill."""
+    visual slots are padded after them (AnyRes images of different token counts), set at prefill;
+    image_at: text slots before the image (the chat template's; see src/models/decoder.py), set at
+    prefill."""
 
     text_start: Optional[torch.Tensor]
     lengths: torch.Tensor
     capacity: int
     layers: List[List[RowCache]] = field(default_factory=list)
     visual_lens: Optional[torch.Tensor] = None
+    image_at: int = 0
 
     def visual_bytes(self) -> int:
         """Bytes of visual K/V held in the cache (all samples, all layers)."""
@@ -103,4 +108,5 @@ class KVCache:
                             (g.rows[:, None] * n + torch.arange(n, device=g.rows.device)).flatten(),
                             rep(g.k), rep(g.v), g.n_visual, rep(g.cross_k), rep(g.cross_v)) for g in groups]
                   for groups in self.layers]
-        return KVCache(rep(self.text_start), rep(self.lengths), self.capacity, layers, rep(self.visual_lens))
+        return KVCache(rep(self.text_start), rep(self.lengths), self.capacity, layers, rep(self.visual_lens),
+                       self.image_at)

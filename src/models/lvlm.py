@@ -138,16 +138,17 @@ class VisorLVLM(nn.Module):
             visual = self.pos_conv(visual)
         return VisualTokens(visual, None, None if bool((lens == lens.max()).all()) else lens, lens)
 
-    def prepare_inputs(self, images: Images, input_ids: torch.Tensor):
+    def prepare_inputs(self, images: Images, input_ids: torch.Tensor, image_at: int = 0):
         """images (B, 3, S, S) or TiledImages, input_ids (B, T) -> (visual (B, V, d), text embeddings
-        (B, T, d), positions (N, V+T), VisualTokens): the text starts at `text_start` (after V0
-        positions when a selection reducer kept a subset, as without reduction)."""
+        (B, T, d), positions (N, V+T), VisualTokens). The sequence is input_ids[:, :image_at], the
+        image, the rest (`Decoder.positions`); the image spans `text_start` positions (V0 when a
+        selection reducer kept a subset, as without reduction)."""
         assert input_ids.dim() == 2 and input_ids.shape[0] == images.shape[0], (
             f"input_ids must be (B, T) with B={images.shape[0]}, got {tuple(input_ids.shape)}")
         vt = self.encode_images(images)
         text = self.decoder.embed_tokens(input_ids)  # (B, T, d)
         positions = self.decoder.positions(vt.tokens.shape[1], text.shape[1], text.device, vt.positions,
-                                           vt.text_start)
+                                           vt.text_start, image_at)
         return vt.tokens, text, positions, vt
 
     def hidden_states(self, images: torch.Tensor, input_ids: torch.Tensor,
@@ -156,6 +157,7 @@ class VisorLVLM(nn.Module):
                       choose: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                       prompt_mask: Optional[torch.Tensor] = None,
                       cache: Optional[KVCache] = None,
+                      image_at: int = 0,
                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[Union[int, torch.Tensor]]]:
         """The one way a prompt goes through the model (training, validation, routing, prefill).
 
@@ -164,11 +166,12 @@ class VisorLVLM(nn.Module):
         choose: route instead: the layers before the first optional self layer run, then the router
         on their hidden states (prompt_mask (B, T) bool marks the question tokens it pools), then
         `choose(router logits (B, K)) -> budgets (B,)` sets the budgets of the rest. cache: a fresh
-        KVCache to fill (a prefill).
+        KVCache to fill (a prefill). image_at: the text tokens before the image (a chat template puts
+        the image inside the first user turn; 0: the image first).
         -> (text hidden states after the final norm (B, T, d), router logits (B, K) or None, the budget run).
         """
         dec = self.decoder
-        visual, text, positions, vt = self.prepare_inputs(images, input_ids)
+        visual, text, positions, vt = self.prepare_inputs(images, input_ids, image_at)
         lens = vt.lens
         if cache is not None:
             B = input_ids.shape[0]
@@ -183,11 +186,11 @@ class VisorLVLM(nn.Module):
                 f"prompt_mask must be (B, T) = {tuple(input_ids.shape)}")
             start = self.plan.first_optional
             visual, text, positions = dec.run_layers(visual, text, 0, start, positions, visual_kv_lens=lens,
-                                                     query_index=query_index, cache=cache)
+                                                     query_index=query_index, cache=cache, image_at=image_at)
             router_logits = self.policy(text, prompt_mask, visual, lens)  # (B, K)
             budget = choose(router_logits)
         _, text, _ = dec.run_layers(visual, text, start, dec.config.n_layers, positions, budget, lens,
-                                    query_index=query_index, cache=cache)
+                                    query_index=query_index, cache=cache, image_at=image_at)
         return dec.norm(text), router_logits, budget
 
     def logits(self, hidden: torch.Tensor, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -204,27 +207,30 @@ class VisorLVLM(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
                 budget: Optional[Union[int, torch.Tensor]] = None,
                 query_index: Optional[torch.Tensor] = None,
-                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+                logits_at: Optional[torch.Tensor] = None, image_at: int = 0) -> torch.Tensor:
         """images (B, 3, S, S) or TiledImages, input_ids (B, T) right-padded, budget None (largest) / index / (B,)
-        indices, query_index (B,) the last prompt token (fastv ranks by its attention; default T-1)
+        indices, query_index (B,) the last prompt token (fastv ranks by its attention; default T-1),
+        image_at: text tokens before the image
         -> logits (B, T, vocab), or (N, vocab) at the positions of logits_at (B, T) bool."""
-        hidden, _, _ = self.hidden_states(images, input_ids, budget, query_index)
+        hidden, _, _ = self.hidden_states(images, input_ids, budget, query_index, image_at=image_at)
         return self.logits(hidden, logits_at)
 
     def routed(self, images: torch.Tensor, input_ids: torch.Tensor, prompt_mask: torch.Tensor,
                choose: Callable[[torch.Tensor], torch.Tensor],
                query_index: Optional[torch.Tensor] = None,
-               logits_at: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               logits_at: Optional[torch.Tensor] = None,
+               image_at: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run with the router (see `hidden_states`) -> (logits (B, T, vocab) or (N, vocab) at
         logits_at, router logits (B, K), budgets (B,))."""
-        hidden, router_logits, budgets = self.hidden_states(images, input_ids, None, query_index, choose, prompt_mask)
+        hidden, router_logits, budgets = self.hidden_states(images, input_ids, None, query_index, choose, prompt_mask,
+                                                            image_at=image_at)
         return self.logits(hidden, logits_at), router_logits, budgets
 
     def generate(self, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 16, **kwargs):
         """Cached generation from right-padded prompts: images (B, 3, S, S) or TiledImages, input_ids (B, P),
         prompt_lens (B,) (None: all P) -> src.models.generation.GenerationOutput (tokens (B, N), ...).
-        kwargs: budget, eos_id, pad_id, temperature, top_k, generator, prompt_mask (see `generate` there)."""
+        kwargs: budget, eos_id, pad_id, temperature, top_k, generator, prompt_mask, image_at (see `generate` there)."""
         from src.models.generation import generate  # generation imports the decoder; keep this module light
 
         return generate(self, images, input_ids, prompt_lens, max_new_tokens, **kwargs)
