@@ -176,6 +176,30 @@ def test_eos_stops_each_sample(tiny_decoder_config):
         assert out.tokens.shape[1] == int(out.lengths.max())  # stopped early once all were done
 
 
+@pytest.mark.parametrize("name, fastv", [("optional_cross", False), ("two_optional", False), ("SCTC", True)])
+def test_finished_samples_leave_the_batch_and_the_rest_decode_as_before(tiny_decoder_config, monkeypatch, name, fastv):
+    """Mixed budgets (row groups), FastV: once a sample stops (eos or a stop sequence) later decode steps
+    run only the others, whose tokens are those of the run without stopping."""
+    import src.models.generation as generation
+    c = tiny_decoder_config
+    m = _model(c, LayerPlan(c.n_layers, **PLANS[name]), FastVReducer(layer=2, drop_ratio=0.5) if fastv else None)
+    images, ids, lens = _prompts(c.vocab_size)
+    budgets = torch.arange(B) % m.plan.n_budgets
+    free = generate(m, images, ids, lens, MAX_NEW, budget=budgets).tokens
+    sizes = []
+    step = generation.decode_step
+    monkeypatch.setattr(generation, "decode_step", lambda lvlm, cache, tok: sizes.append(tok.shape[0]) or step(lvlm, cache, tok))
+    eos, stop = int(free[0, 1]), free[2, 1:3].tolist()  # sample 0 stops at step 1 (eos), sample 2 at step 2
+    out = generate(m, images, ids, lens, MAX_NEW, budget=budgets, eos_id=eos, pad_id=0, stop_sequences=[stop])
+    for b in range(B):
+        row = free[b].tolist()
+        n = next((i + 1 for i in range(MAX_NEW) if row[i] == eos or row[max(0, i - 1):i + 1] == stop), MAX_NEW)
+        assert out.lengths[b] == n and out.tokens[b, :n].tolist() == row[:n] and (out.tokens[b, n:] == 0).all()
+    assert out.lengths[0] <= 2 and out.lengths[2] <= 3
+    running = [int((out.lengths > i + 1).sum()) for i in range(len(sizes))]
+    assert sizes == running and sizes[-1] < B  # each decode step ran only the unfinished samples
+
+
 @pytest.mark.parametrize("skip_kind", ["text", "cross"])
 def test_visual_kv_cache_shrinks_by_L_over_reading_layers(tiny_decoder_config, skip_kind):
     from dataclasses import replace

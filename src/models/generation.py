@@ -34,7 +34,7 @@ The model should be in eval mode (generation does not change it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -132,12 +132,16 @@ def pick_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[
 def generate(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: Optional[torch.Tensor] = None,
              max_new_tokens: int = 16, budget: BudgetSpec = None, eos_id: Optional[int] = None, pad_id: int = 0,
              temperature: float = 0.0, top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             prompt_mask: Optional[torch.Tensor] = None, image_at: int = 0) -> GenerationOutput:
+             prompt_mask: Optional[torch.Tensor] = None, image_at: int = 0,
+             stop_sequences: Sequence[Sequence[int]] = ()) -> GenerationOutput:
     """Cached generation for a batch of right-padded prompts.
 
     images (B, 3, S, S) or TiledImages; input_ids (B, P) right-padded with prompt_lens (B,) (None: every prompt is P
     long); budget, prompt_mask, image_at: see `prefill`; eos_id: a sample stops after producing it (None: never);
-    temperature 0 is greedy, > 0 samples (top_k: from the k most likely) with `generator`.
+    stop_sequences: token sequences that also stop a sample once its new tokens end with one (kept in
+    its tokens); temperature 0 is greedy, > 0 samples (top_k: from the k most likely) with `generator`.
+    A finished sample leaves the batch (`KVCache.select`): later decode steps cost only the samples
+    still running, and the returned cache holds those.
     -> GenerationOutput (tokens (B, N <= max_new_tokens), lengths (B,), budgets (B,), ...).
     """
     if max_new_tokens < 1:
@@ -152,18 +156,26 @@ def generate(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: O
         prompt_lens = torch.full((B,), P, dtype=torch.long, device=input_ids.device)
     logits, cache, budgets, router_logits = prefill(lvlm, images, input_ids, prompt_lens, P + max_new_tokens,
                                                     budget, prompt_mask, image_at)
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    lengths = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    device = input_ids.device
+    running = torch.arange(B, device=device)  # batch indices of the samples still generating
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
     out = []
+    stops = [list(s) for s in stop_sequences if len(s)]
     for step in range(max_new_tokens):
-        tok = pick_tokens(logits, temperature, top_k, generator)
-        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
-        out.append(tok)
-        lengths += (~finished).long()
-        if eos_id is not None:
-            finished |= tok == eos_id
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        tok = pick_tokens(logits, temperature, top_k, generator)  # (R,) for the running samples
+        row = torch.full((B,), pad_id, dtype=torch.long, device=device)
+        row[running] = tok
+        out.append(row)
+        lengths[running] += 1
+        done = torch.zeros_like(tok, dtype=torch.bool) if eos_id is None else tok == eos_id
+        if stops:
+            so_far = torch.stack(out, dim=1)[running].tolist()
+            done |= torch.tensor([any(s[-len(q):] == q for q in stops) for s in so_far], device=device)
+        if step == max_new_tokens - 1 or bool(done.all()):
             break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache, running, tok = cache.select(keep), running[keep], tok[keep]
         logits = decode_step(lvlm, cache, tok)
     return GenerationOutput(torch.stack(out, dim=1), lengths, budgets, router_logits, cache)
 

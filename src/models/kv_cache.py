@@ -98,6 +98,39 @@ class KVCache:
     def text_bytes(self) -> int:
         return sum(g.text_bytes() for groups in self.layers for g in groups)
 
+    def select(self, keep: torch.Tensor) -> "KVCache":
+        """The cache of the samples `keep` (K,) int64, ascending batch indices, in that order (sample
+        keep[j] becomes j): generation drops finished samples so they cost no more decode steps. A
+        row group left without samples is dropped; one left with every sample covers all rows."""
+        B = self.lengths.shape[0]
+        assert keep.dim() == 1 and keep.numel() >= 1, f"keep must be (K,) with K >= 1, got {tuple(keep.shape)}"
+        keep = keep.to(self.lengths.device)
+        new_index = torch.full((B,), -1, dtype=torch.long, device=keep.device)
+        new_index[keep] = torch.arange(keep.numel(), device=keep.device)
+        K = keep.numel()
+
+        def pick(t, idx):
+            return None if t is None else t.index_select(0, idx)
+
+        layers = []
+        for groups in self.layers:
+            kept = []
+            for g in groups:
+                if g.rows is None:
+                    local, rows = keep, None
+                else:
+                    mine = new_index[g.rows] >= 0  # (B_g,) which of the group's samples stay
+                    local, rows = mine.nonzero().squeeze(1), new_index[g.rows][mine]
+                    if rows.numel() == 0:
+                        continue
+                    if rows.numel() == K:  # the group now covers every sample (in order: rows ascend)
+                        rows = None
+                kept.append(RowCache(g.kind, rows, pick(g.k, local), pick(g.v, local), g.n_visual,
+                                     pick(g.cross_k, local), pick(g.cross_v, local)))
+            layers.append(kept)
+        return KVCache(pick(self.text_start, keep), pick(self.lengths, keep), self.capacity, layers,
+                       pick(self.visual_lens, keep), self.image_at)
+
     def repeat(self, n: int) -> "KVCache":
         """The cache of a batch of n copies of every sample (for decode benchmarks at a batch larger
         than a prefill can afford); row groups keep their order (group rows r -> r*n..r*n+n-1)."""
