@@ -9,7 +9,7 @@ VENV_ROOT ?= .venv-cache
 DEPS_HASH := $(shell { $(PYTHON) tools/requirements.py --dev; cat constraints.txt; } | sha256sum | cut -c1-16)
 VENV := $(VENV_ROOT)/$(DEPS_HASH)
 PY := $(VENV)/bin/python
-EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
 CONFIG ?= configs/visor.yaml
 
 .PHONY: install fit test test-all build clean
@@ -27,6 +27,7 @@ STAMP := src/_C.$(BUILD_KIND).stamp
 $(STAMP): $(VENV)/.installed $(EXT_SOURCES)
 	rm -f src/_C.*.stamp
 	$(PY) setup.py -q build_ext --inplace
+	$(PY) setup.py -q egg_info  # the project's metadata: lmms-eval finds the `visor` plugin's entry point
 	touch $@
 
 install: $(STAMP)

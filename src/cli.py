@@ -81,15 +81,19 @@ def _import(class_path: str) -> type:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-def main(args: Optional[List[str]] = None) -> LightningCLI:
+def main(args: Optional[List[str]] = None, run: bool = True) -> LightningCLI:
+    """The CLI on `args` (default sys.argv[1:]); run=False: no subcommand, the model and datamodule
+    only instantiated from the configs (as src.export and the lmms-eval plugin build them)."""
     argv = sys.argv[1:] if args is None else list(args)
     model_path, data_path = module_class_path(argv, "model"), module_class_path(argv, "data")
+    kwargs = dict(save_config_kwargs={"overwrite": True}, args=args, run=run)
+    if not run:
+        kwargs.update(save_config_callback=None)
     if model_path is None and data_path is None:
-        return VisorCLI(VisorLitModule, VQADataModule, save_config_kwargs={"overwrite": True}, args=args)
+        return VisorCLI(VisorLitModule, VQADataModule, **kwargs)
     return SubclassCLI(_import(model_path) if model_path else VisorLitModule,
                        _import(data_path) if data_path else VQADataModule,
-                       subclass_mode_model=model_path is not None, subclass_mode_data=data_path is not None,
-                       save_config_kwargs={"overwrite": True}, args=args)
+                       subclass_mode_model=model_path is not None, subclass_mode_data=data_path is not None, **kwargs)
 
 
 if __name__ == "__main__":
