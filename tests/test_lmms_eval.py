@@ -76,3 +76,39 @@ def test_lmms_eval_scores_a_visor_checkpoint_as_validate_and_predict_do(tmp_path
         assert (stat["budget"], stat["prompt_tokens"]) == (row["budget"], row["prompt_tokens"])
         assert stat["gflops"] == pytest.approx(row["gflops"])
     assert "visor: visor_offline:" in log and "LLM GFLOPs/sample" in log
+
+
+def test_loglikelihood_is_the_answers_loss_and_says_whether_greedy_gives_it(tmp_path, monkeypatch):
+    """The plugin's loglikelihood on the offline task's questions: the summed NLL of the answer after
+    the chat prompt (recomputed here from the model's logits), and greedy == the model's prediction."""
+    from types import SimpleNamespace
+
+    import datasets
+    import torch
+
+    from src.eval.lmms_plugin import Visor
+    from src.eval.offline_task import build
+
+    monkeypatch.chdir(tmp_path)
+    fit = main(["fit", *BASE, *DATA, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    ckpt = tmp_path / "visor.ckpt"
+    fit.trainer.save_checkpoint(str(ckpt))
+    docs = datasets.load_from_disk(str(build([*BASE, *DATA])))["val"]
+    model = Visor(checkpoint=str(ckpt), config=str(ROOT / "configs/visor.yaml"))
+    model.task_dict = {"t": {"val": docs}}
+    visual = lambda doc: [doc["image"]]  # noqa: E731
+    requests = [SimpleNamespace(args=(docs[i]["question"], docs[i]["answer"], visual, i, "t", "val"))
+                for i in range(6)]
+    lls = model.loglikelihood(requests)
+    gens = model.generate_until([SimpleNamespace(args=(docs[i]["question"], {"max_new_tokens": 8}, visual, i, "t", "val"))
+                                 for i in range(6)])
+    tok, lvlm = model.tok, model.lvlm
+    for i, (nll, greedy) in enumerate(lls):
+        prompt, answer = tok.prompt(docs[i]["question"]), tok.encode(docs[i]["answer"])
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logits = lvlm(model.model.images([docs[i]["image"]], model.device), ids, image_at=tok.image_at)[0]
+        logp = logits[len(prompt) - 1: -1].log_softmax(-1)
+        assert nll == pytest.approx(-float(logp.gather(1, torch.tensor(answer)[:, None]).sum()), rel=1e-5) and nll > 0
+        words = docs[i]["answer"].split()  # the word tokenizer: one token per word
+        assert greedy == (gens[i].text.split()[: len(words)] == words)

@@ -156,8 +156,10 @@ class Visor(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
-        """(log p(continuation | image, context), whether greedy decoding gives the continuation), one
-        request at a time, the continuation after the chat prompt of the context."""
+        """(-log p(continuation | image, context), whether greedy decoding gives the continuation), one
+        request at a time, the continuation after the chat prompt of the context. A loss, not a
+        log-probability: lmms-eval's multiple-choice scoring takes the argmin (api/task.py), as its
+        own models return their loss."""
         res = []
         for r in tqdm(requests, desc="visor: loglikelihood", disable=self.rank != 0):
             context, target, doc_to_visual, doc_id, task, split = r.args
@@ -179,7 +181,7 @@ class Visor(lmms):
                 logits = self.lvlm(images, ids, budget=k, logits_at=at, image_at=self.tok.image_at)
             logp = logits.float().log_softmax(-1)  # (len(cont), vocab)
             target_ids = torch.tensor(cont, device=self.device)
-            res.append((float(logp.gather(1, target_ids[:, None]).sum()), bool((logp.argmax(-1) == target_ids).all())))
+            res.append((-float(logp.gather(1, target_ids[:, None]).sum()), bool((logp.argmax(-1) == target_ids).all())))
         return res
 
     def generate_until_multi_round(self, requests) -> List[str]:
