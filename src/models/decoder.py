@@ -169,12 +169,13 @@ class DecoderLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _in_sequence_order(visual: torch.Tensor, text: torch.Tensor, image_at: int, dim: int) -> torch.Tensor:
-    """The two streams -> the sequence in its own order along `dim`: text[:image_at], visual,
-    text[image_at:] (so a causal mask over it is the original model's)."""
+def _in_sequence_order(streams: torch.Tensor, V: int, image_at: int, dim: int) -> torch.Tensor:
+    """A tensor in stream order [visual (V); text] along `dim` -> the sequence's own order:
+    text[:image_at], visual, text[image_at:] (so a causal mask over it is the original model's).
+    image_at = 0: the same tensor."""
     if not image_at:
-        return torch.cat([visual, text], dim)
-    head, tail = text.split([image_at, text.shape[dim] - image_at], dim)
+        return streams
+    visual, head, tail = streams.split([V, image_at, streams.shape[dim] - V - image_at], dim)
     return torch.cat([head, visual, tail], dim)
 
 
@@ -494,9 +495,8 @@ class Decoder(nn.Module):
                 n_visual, n_slots = (V, V + text.shape[1]) if slots is None else (rc.n_visual, rc.k.shape[2])
                 slot = torch.arange(n_slots, device=text.device) - image_at  # the visual slots from 0
                 key_valid = (slot >= n_visual) | (slot < visual_kv_lens[:, None])  # (B, n_slots)
-            x = self.layers[i](_in_sequence_order(visual, text, before, 1),
-                               _in_sequence_order(cos[..., :V, :], cos[..., V:, :], before, 2),
-                               _in_sequence_order(sin[..., :V, :], sin[..., V:, :], before, 2), rc,
+            x = self.layers[i](_in_sequence_order(torch.cat([visual, text], dim=1), V, before, 1),
+                               _in_sequence_order(cos, V, before, 2), _in_sequence_order(sin, V, before, 2), rc,
                                None if slots is None else slots + rc.n_visual, key_valid)  # (B, V+T, d)
             if not before:
                 return x[:, :V], x[:, V:]

@@ -161,6 +161,7 @@ def generate(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: O
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     out = []
     stops = [list(s) for s in stop_sequences if len(s)]
+    longest_stop = max((len(s) for s in stops), default=0)
     for step in range(max_new_tokens):
         tok = pick_tokens(logits, temperature, top_k, generator)  # (R,) for the running samples
         row = torch.full((B,), pad_id, dtype=torch.long, device=device)
@@ -169,8 +170,8 @@ def generate(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: O
         lengths[running] += 1
         done = torch.zeros_like(tok, dtype=torch.bool) if eos_id is None else tok == eos_id
         if stops:
-            so_far = torch.stack(out, dim=1)[running].tolist()
-            done |= torch.tensor([any(s[-len(q):] == q for q in stops) for s in so_far], device=device)
+            recent = torch.stack(out[-longest_stop:], dim=1)[running].tolist()  # the tokens a stop can end with
+            done |= torch.tensor([any(s[-len(q):] == q for q in stops) for s in recent], device=device)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         if bool(done.any()):
