@@ -495,7 +495,7 @@ class Decoder(nn.Module):
                 n_visual, n_slots = (V, V + text.shape[1]) if slots is None else (rc.n_visual, rc.k.shape[2])
                 slot = torch.arange(n_slots, device=text.device) - image_at  # the visual slots from 0
                 key_valid = (slot >= n_visual) | (slot < visual_kv_lens[:, None])  # (B, n_slots)
-            x = self.layers[i](_in_sequence_order(torch.cat([visual, text], dim=1), V, before, 1),
+            x = self.layers[i](torch.cat([text[:, :before], visual, text[:, before:]], dim=1),  # in sequence order
                                _in_sequence_order(cos, V, before, 2), _in_sequence_order(sin, V, before, 2), rc,
                                None if slots is None else slots + rc.n_visual, key_valid)  # (B, V+T, d)
             if not before:
