@@ -39,10 +39,13 @@ def run_fit(group: str, name: str, args: List[str], steps: Optional[int] = None,
     return logdir
 
 
-def parse_row_args(doc: str, rows, steps: bool = True, seed: bool = False):
+def parse_row_args(doc: str, rows, steps: bool = True, seed: bool = False, extra=None):
     """The row runners' shared CLI: --only (rows, validated against `rows`), --table-only and, for fits,
-    --steps (and --seed where `seed`) -> (args, chosen row names in the order given)."""
+    --steps (and --seed where `seed`); `extra(parser)` adds a runner's own
+    -> (args, chosen row names in the order given)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(ap)
     if steps:
         ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps for every row")
     if seed:

@@ -143,6 +143,12 @@ def test_universal_then_policy_stage_from_the_cli(workdir, base_export):
         assert any(k.startswith(f"val/budget_frac/{t}/") for t in TASKS for k in m)  # per task too
 
 
+def test_policy_stage_fit_needs_a_universal_model(workdir):
+    with pytest.raises(ValueError, match="universal_checkpoint is null"):
+        main(["fit", "--config", str(ROOT / "configs/policy.yaml"), "--model.init_args.universal_checkpoint",
+              "null", "--trainer.fast_dev_run", "1", *TINY_DATA])
+
+
 def test_policy_stage_needs_the_universal_export(workdir):
     # (in subclass mode jsonargparse re-raises the module's FileNotFoundError as a ValueError quoting it)
     with pytest.raises((FileNotFoundError, ValueError), match="universal_checkpoint=no/such/dir does not exist"):

@@ -20,18 +20,21 @@ DATA = ["--data.train_images", "8", "--data.val_images", "4", "--data.images_per
 BASE = ["--config", str(ROOT / "configs/visor.yaml"), "--model.base_checkpoint", str(ROOT / "checkpoints/base")]
 
 
-def lmms_eval(tmp_path, model_args, *extra):
+def lmms_eval(tmp_path, model_args, *extra, task="visor_offline", batch_size=4, out="lmms_out"):
+    """lmms-eval's CLI on `task`, writing to tmp_path/out (a fresh folder per run)
+    -> (its results for the task, its logged samples by doc_id, the log)."""
     assert (ROOT / "visor.egg-info" / "entry_points.txt").exists(), (
         "the plugin's entry point needs the project's metadata: `python setup.py egg_info` (make does it)")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    out = tmp_path / "lmms_out"
+    out = tmp_path / out
+    assert not out.exists(), f"{out} holds an earlier run's results"
     cmd = [sys.executable, "-m", "lmms_eval", "eval", "--model", "visor", "--model_args", model_args,
-           "--include_path", str(ROOT / "src/eval/tasks"), "--tasks", "visor_offline", "--batch_size", "4",
+           "--include_path", str(ROOT / "src/eval/tasks"), "--tasks", task, "--batch_size", str(batch_size),
            "--output_path", str(out), "--log_samples", *extra]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]["visor_offline"]
-    samples = sorted((json.loads(line) for line in next(out.rglob("*_samples_visor_offline.jsonl")).open()),
+    results = json.loads(next(out.rglob("*_results.json")).read_text())["results"][task]
+    samples = sorted((json.loads(line) for line in next(out.rglob(f"*_samples_{task}.jsonl")).open()),
                      key=lambda s: s["doc_id"])
     return results, samples, run.stdout + run.stderr
 
@@ -79,8 +82,9 @@ def test_lmms_eval_scores_a_visor_checkpoint_as_validate_and_predict_do(tmp_path
 
 
 def test_loglikelihood_is_the_answers_loss_and_says_whether_greedy_gives_it(tmp_path, monkeypatch):
-    """The plugin's loglikelihood on the offline task's questions: the summed NLL of the answer after
-    the chat prompt (recomputed here from the model's logits), and greedy == the model's prediction."""
+    """The plugin's loglikelihood on the offline task's questions, in right-padded batches of mixed
+    lengths: the summed NLL of the answer after the chat prompt (recomputed here one sample at a time
+    from the model's logits), and greedy == the model's prediction."""
     from types import SimpleNamespace
 
     import datasets
@@ -94,7 +98,7 @@ def test_loglikelihood_is_the_answers_loss_and_says_whether_greedy_gives_it(tmp_
     ckpt = tmp_path / "visor.ckpt"
     fit.trainer.save_checkpoint(str(ckpt))
     docs = datasets.load_from_disk(str(build([*BASE, *DATA])))["val"]
-    model = Visor(checkpoint=str(ckpt), config=str(ROOT / "configs/visor.yaml"))
+    model = Visor(checkpoint=str(ckpt), config=str(ROOT / "configs/visor.yaml"), batch_size=4)  # batches of mixed lengths
     model.task_dict = {"t": {"val": docs}}
     visual = lambda doc: [doc["image"]]  # noqa: E731
     requests = [SimpleNamespace(args=(docs[i]["question"], docs[i]["answer"], visual, i, "t", "val"))
@@ -112,3 +116,97 @@ def test_loglikelihood_is_the_answers_loss_and_says_whether_greedy_gives_it(tmp_
         assert nll == pytest.approx(-float(logp.gather(1, torch.tensor(answer)[:, None]).sum()), rel=1e-5) and nll > 0
         words = docs[i]["answer"].split()  # the word tokenizer: one token per word
         assert greedy == (gens[i].text.split()[: len(words)] == words)
+
+
+def _nll(model, doc, answer):
+    """The answer's summed NLL after the chat prompt, from one unbatched forward pass of the model."""
+    import torch
+
+    tok = model.tok
+    prompt, cont = tok.prompt(doc["question"]), tok.encode(answer)
+    with torch.no_grad():
+        logits = model.lvlm(model.model.images([doc["image"]], model.device), torch.tensor([prompt + cont]),
+                            image_at=tok.image_at)[0]
+    logp = logits[len(prompt) - 1: -1].log_softmax(-1)
+    return -float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
+
+
+def test_lmms_eval_multiple_choice_picks_the_least_loss_answer(tmp_path, monkeypatch):
+    """visor_offline_mc through lmms-eval's CLI (its simple interface builds loglikelihood requests),
+    with --limit as CI runs it: each question's prediction is the choice of least NLL computed here
+    from the model's own logits, and accuracy overall and per task is the mean of those."""
+    import datasets
+
+    from src.eval.lmms_plugin import Visor
+    from src.eval.offline_task import N_CHOICES, build
+
+    monkeypatch.chdir(tmp_path)
+    fit = main(["fit", *BASE, *DATA, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"])
+    ckpt = tmp_path / "visor.ckpt"
+    fit.trainer.save_checkpoint(str(ckpt))
+    docs = datasets.load_from_disk(str(build([*BASE, *DATA])))["val"]
+    assert all(d["choices"][d["label"]] == d["answer"] and len(set(d["choices"])) == len(d["choices"]) <= N_CHOICES
+               for d in docs)
+    assert max(len(d["choices"]) for d in docs) > 1
+    limit = 10
+    results, samples, _ = lmms_eval(tmp_path, f"checkpoint={ckpt},config={ROOT / 'configs/visor.yaml'}",
+                                    "--force_simple", "--limit", str(limit), task="visor_offline_mc")
+    assert [s["doc_id"] for s in samples] == list(range(limit))
+    model = Visor(checkpoint=str(ckpt), config=str(ROOT / "configs/visor.yaml"))
+    correct = {}
+    for s in samples:
+        doc = docs[s["doc_id"]]
+        losses = [_nll(model, doc, c) for c in doc["choices"]]
+        correct[s["doc_id"]] = float(losses.index(min(losses)) == doc["label"])
+        assert s["acc"] == correct[s["doc_id"]], (doc["choices"], losses, s)
+    assert results["acc,none"] == pytest.approx(sum(correct.values()) / limit)
+    for t in {docs[i]["task"] for i in correct}:
+        mine = [c for i, c in correct.items() if docs[i]["task"] == t]
+        assert results[f"acc_{t},none"] == pytest.approx(sum(mine) / len(mine))
+
+
+def test_lmms_eval_router_budgets_are_predicts(tmp_path, monkeypatch):
+    """A policy-stage checkpoint through lmms-eval's CLI with budget=policy and budget=target: every
+    sample's budget, answer (8 new tokens at most, as the task asks) and GFLOPs equal the policy
+    module's own `predict` in the same mode
+    (`target` meets its mean cost over a batch: the same batches of 8 in both). The router's weights
+    are randomised after a 2-step fit so that its choices differ from sample to sample."""
+    import datasets
+    import torch
+
+    from src.eval.offline_task import build
+    from src.lit.checkpoint_io import export_checkpoint
+    from src.models import DecoderConfig, LayerPlan, VisionEncoder, VisorLVLM
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    universal = VisorLVLM(VisionEncoder("lcnet_075", 2, 128, pos_embed="sincos", feature_norm=True),
+                          DecoderConfig(preset="tiny"), LayerPlan(6, self_layers=[0, 2, 4], optional_self=[2, 4],
+                                                                  cross_layers=[1, 5], skip_kind="cross"), pos_conv=True)
+    export = str(export_checkpoint(universal, tmp_path / "universal", {}))
+    policy = ["--config", str(ROOT / "configs/policy.yaml"), "--model.init_args.universal_checkpoint", export]
+    fit = main(["fit", *policy, *DATA, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"])
+    with torch.no_grad():
+        for p in fit.model.lvlm.policy.parameters():
+            p.normal_(0, 1)
+    ckpt = tmp_path / "policy.ckpt"
+    fit.trainer.save_checkpoint(str(ckpt))
+    docs = datasets.load_from_disk(str(build([*policy, *DATA])))["val"]
+    for budget, predict_mode in [("policy", ["--model.init_args.inference", "policy"]),
+                                 ("target,target_cost=0.7", ["--model.init_args.inference", "target",
+                                                             "--model.init_args.target_cost", "0.7"])]:
+        stats = tmp_path / f"stats_{budget[:6]}.jsonl"
+        _, samples, _ = lmms_eval(tmp_path, f"checkpoint={ckpt},config={ROOT / 'configs/policy.yaml'},"
+                                             f"budget={budget},stats_path={stats}", batch_size=8,
+                                  out=f"lmms_{budget[:6]}")
+        preds = tmp_path / f"preds_{budget[:6]}.jsonl"
+        main(["predict", *policy, *DATA, *predict_mode, "--model.init_args.max_new_tokens", "8", "--ckpt_path", str(ckpt),
+              "--predict_writer.output_path", str(preds)])
+        rows = {r["id"]: r for r in map(json.loads, preds.read_text().splitlines())}
+        per_sample = {s["doc_id"]: s for s in map(json.loads, stats.read_text().splitlines())}
+        assert len(rows) == len(per_sample) == len(samples) == len(docs) > 8
+        for s in samples:
+            row, stat = rows[docs[s["doc_id"]]["id"]], per_sample[s["doc_id"]]
+            assert stat["budget"] == row["budget"] and stat["gflops"] == pytest.approx(row["gflops"]), (stat, row)
+            assert s["filtered_resps"].strip() == row["prediction"].strip()
+        assert len({r["budget"] for r in rows.values()}) > 1, rows  # the router chose different budgets

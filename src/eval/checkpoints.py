@@ -108,11 +108,13 @@ def _configs(path: Path, manifest: dict, config: Optional[str]) -> List[str]:
 
 def _instantiate(configs: List[str], path: Path):
     """The LightningModule and datamodule of the configs (no subcommand, no logger). The checkpoint's
-    weights are loaded afterwards, so a recipe's own base checkpoint is not read."""
+    weights are loaded afterwards, so a recipe's own base (or universal) checkpoint is not read."""
     from src.cli import main, module_class_path
 
     args = [a for c in configs for a in ("--config", c)] + ["--trainer.logger", "false"]
-    if module_class_path(args) is None:  # VisorLitModule (a policy stage names its class and its universal model)
+    if module_class_path(args) is None:  # VisorLitModule
         args += ["--model.base_checkpoint", "null", "--model.new_params_only_steps", "0"]
+    else:  # a policy stage: its universal model's weights are in the checkpoint too
+        args += ["--model.init_args.universal_checkpoint", "null"]
     cli = main(args, run=False)
     return cli.model, cli.datamodule

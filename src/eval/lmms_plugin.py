@@ -86,12 +86,18 @@ class Visor(lmms):
         context, gen_kwargs, doc_to_visual, doc_id, task, split = args
         return context, _one_image(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id), gen_kwargs
 
-    def _budget(self, lengths: List[int]):
-        """The budget spec `generate` takes: an index, or the router with this batch's relative costs."""
+    def _image_sizes(self, images) -> List[Optional[tuple]]:
+        """Each image's (H, W) where its visual token count depends on it (AnyRes), else None."""
+        return [tuple(hw) for hw in images.sizes.tolist()] if self.model.anyres else [None] * len(images)
+
+    def _budget(self, lengths: List[int], sizes: List[Optional[tuple]]):
+        """The budget spec `generate` takes: an index, or the router with this batch's relative costs
+        (each sample's budgets' LLM FLOPs at its prompt length and image size, as predict prices them)."""
         if isinstance(self.mode, int):
             return self.mode
-        flops = torch.tensor([[sample_flops(self.lvlm, t, k, image_at=self.tok.image_at).llm
-                               for k in range(self.lvlm.plan.n_budgets)] for t in lengths], dtype=torch.float64)
+        flops = torch.tensor([[sample_flops(self.lvlm, t, k, hw, self.tok.image_at).llm
+                               for k in range(self.lvlm.plan.n_budgets)] for t, hw in zip(lengths, sizes)],
+                             dtype=torch.float64)
         largest = self.lvlm.plan.largest_budget
         costs = (flops / flops[:, largest:largest + 1]).mean(0).float().to(self.device)
         return lambda logits: select_budgets(logits, self.mode, costs, self.target_cost, largest,
@@ -133,8 +139,9 @@ class Visor(lmms):
             ids[b, : len(p)] = torch.tensor(p)
         ids = ids.to(self.device)
         images = self.model.images([image for _, _, image, _, _, _ in chunk], self.device)
+        sizes = self._image_sizes(images)
         out = generate(self.lvlm, images, ids, torch.tensor(lengths, device=self.device), max_new,
-                       budget=self._budget(lengths), eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
+                       budget=self._budget(lengths, sizes), eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
                        temperature=temperature, generator=self.generator if temperature > 0 else None,
                        image_at=self.tok.image_at, stop_sequences=[self.tok.encode(s) for s in until if s])
         results = []
@@ -145,8 +152,7 @@ class Visor(lmms):
                 if s and s in text:
                     text = text[: text.index(s)]
             k = int(out.budgets[b])
-            hw = None if not self.model.anyres else tuple(images.sizes[b].tolist())
-            flops = sample_flops(self.lvlm, lengths[b], k, hw, self.tok.image_at)
+            flops = sample_flops(self.lvlm, lengths[b], k, sizes[b], self.tok.image_at)
             self.stats.append({"task": task, "doc_id": doc_id, "budget": k, "budget_layers": self.lvlm.plan.budget_name(k),
                                "gflops": flops.llm / 1e9, "gflops_total": flops.total / 1e9,
                                "prompt_tokens": lengths[b], "generated_tokens": len(new)})
@@ -156,33 +162,55 @@ class Visor(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
-        """(-log p(continuation | image, context), whether greedy decoding gives the continuation), one
-        request at a time, the continuation after the chat prompt of the context. A loss, not a
-        log-probability: lmms-eval's multiple-choice scoring takes the argmin (api/task.py), as its
-        own models return their loss."""
-        res = []
-        for r in tqdm(requests, desc="visor: loglikelihood", disable=self.rank != 0):
+        """(-log p(continuation | image, context), whether greedy decoding gives the continuation) per
+        request: the continuation after the chat prompt of the context, in right-padded batches of
+        batch_size. A loss, not a log-probability: lmms-eval's multiple-choice scoring takes the
+        argmin (api/task.py), as its own models return their loss. The router and FastV see the
+        prompt only: under budget=policy every choice of a question gets the same budget and visual
+        tokens (`target` meets its cost over each batch, as in generation)."""
+        items = []  # (request index, prompt ids, continuation ids, image)
+        for i, r in enumerate(requests):
             context, target, doc_to_visual, doc_id, task, split = r.args
             doc = self.task_dict[task][split][doc_id]
             continuation = target if isinstance(target, str) else target(doc)
-            prompt, cont = self.tok.prompt(context), self.tok.encode(continuation)
-            if not cont:
-                res.append((0.0, True))
-                continue
-            ids = torch.tensor([prompt + cont[:-1]], device=self.device)
-            images = self.model.images([_one_image(doc_to_visual(doc), task, doc_id)], self.device)
-            at = torch.zeros_like(ids, dtype=torch.bool)
-            at[0, len(prompt) - 1:] = True  # the positions that predict the continuation
-            k = self._budget([len(prompt)])
-            if callable(k):
-                logits = self.lvlm.routed(images, ids, ids != self.tok.pad_id, k, logits_at=at,
-                                          image_at=self.tok.image_at)[0]
-            else:
-                logits = self.lvlm(images, ids, budget=k, logits_at=at, image_at=self.tok.image_at)
-            logp = logits.float().log_softmax(-1)  # (len(cont), vocab)
-            target_ids = torch.tensor(cont, device=self.device)
-            res.append((-float(logp.gather(1, target_ids[:, None]).sum()), bool((logp.argmax(-1) == target_ids).all())))
+            items.append((i, self.tok.prompt(context), self.tok.encode(continuation),
+                          _one_image(doc_to_visual(doc), task, doc_id)))
+        res: List[Tuple[float, bool]] = [(0.0, True)] * len(requests)  # an empty continuation costs nothing
+        items = [it for it in items if it[2]]
+        for lo in tqdm(range(0, len(items), self.batch_size), desc="visor: loglikelihood", disable=self.rank != 0):
+            chunk = items[lo:lo + self.batch_size]
+            for (i, *_), scored in zip(chunk, self._loglikelihood(chunk)):
+                res[i] = scored
         return res
+
+    def _loglikelihood(self, chunk) -> List[Tuple[float, bool]]:
+        """A batch of (index, prompt, continuation, image) -> (NLL, greedy) each."""
+        rows = [prompt + cont[:-1] for _, prompt, cont, _ in chunk]
+        T = max(map(len, rows))
+        ids = torch.full((len(chunk), T), self.tok.pad_id, dtype=torch.long)
+        at = torch.zeros(len(chunk), T, dtype=torch.bool)  # the positions that predict the continuation
+        prompt_mask = torch.zeros(len(chunk), T, dtype=torch.bool)
+        for b, (row, (_, prompt, cont, _)) in enumerate(zip(rows, chunk)):
+            ids[b, : len(row)] = torch.tensor(row)
+            at[b, len(prompt) - 1: len(row)] = True
+            prompt_mask[b, : len(prompt)] = True
+        ids, at, prompt_mask = ids.to(self.device), at.to(self.device), prompt_mask.to(self.device)
+        lengths = [len(prompt) for _, prompt, _, _ in chunk]
+        last = torch.tensor(lengths, device=self.device) - 1  # fastv ranks by the last prompt token, as in generation
+        images = self.model.images([image for *_, image in chunk], self.device)
+        k = self._budget(lengths, self._image_sizes(images))
+        if callable(k):
+            logits = self.lvlm.routed(images, ids, prompt_mask, k, last, logits_at=at, image_at=self.tok.image_at)[0]
+        else:
+            logits = self.lvlm(images, ids, budget=k, query_index=last, logits_at=at, image_at=self.tok.image_at)
+        logp = logits.float().log_softmax(-1)  # (sum of continuation lengths, vocab), sample after sample
+        out, lo = [], 0
+        for _, _, cont, _ in chunk:
+            target = torch.tensor(cont, device=self.device)
+            part = logp[lo: lo + len(cont)]
+            lo += len(cont)
+            out.append((-float(part.gather(1, target[:, None]).sum()), bool((part.argmax(-1) == target).all())))
+        return out
 
     def generate_until_multi_round(self, requests) -> List[str]:
         raise NotImplementedError("visor: multi-round generation is not implemented; use single-turn tasks")

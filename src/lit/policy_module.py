@@ -47,6 +47,7 @@ class PolicyLitModule(L.LightningModule):
     """Args:
         lvlm: the universal VISOR model with a router (`policy_hidden`) and optional self layers.
         universal_checkpoint: the exported universal model (safetensors dir); everything but the router.
+            None: no weights loaded here (a fitted policy checkpoint is loaded afterwards: evaluation).
         mode, reward, cost_weight, baseline, baseline_momentum, entropy_coef, pseudo_label_rel: see above.
         inference, target_cost: how validation and `predict` pick budgets.
         max_new_tokens: the longest answer `predict` generates (cached greedy, stops at eos).
@@ -56,7 +57,7 @@ class PolicyLitModule(L.LightningModule):
     def __init__(
         self,
         lvlm: VisorLVLM,
-        universal_checkpoint: str,
+        universal_checkpoint: Optional[str],
         mode: str = "reinforce",
         reward: str = "exact_match",
         cost_weight: float = 0.3,
@@ -87,14 +88,15 @@ class PolicyLitModule(L.LightningModule):
         if lvlm.policy is None or lvlm.plan.first_optional is None:
             raise ValueError("the policy stage needs model.lvlm.init_args.policy_hidden and a plan with "
                              "optional_self layers")
-        if not Path(universal_checkpoint).exists():
+        if universal_checkpoint is not None and not Path(universal_checkpoint).exists():
             raise FileNotFoundError(f"model.universal_checkpoint={universal_checkpoint} does not exist: train one with "
                                     "configs/visor.yaml + configs/universal.yaml (its export is the checkpoint)")
         self.save_hyperparameters(ignore=["lvlm"])
         self.lvlm = lvlm
-        router = [n for n in lvlm.state_dict() if n.startswith("policy.")]  # weights and feature statistics
-        load_base_checkpoint(lvlm, universal_checkpoint, may_lack=router,
-                             field_prefix="model.init_args.lvlm.init_args.decoder.")
+        if universal_checkpoint is not None:
+            router = [n for n in lvlm.state_dict() if n.startswith("policy.")]  # weights and feature statistics
+            load_base_checkpoint(lvlm, universal_checkpoint, may_lack=router,
+                                 field_prefix="model.init_args.lvlm.init_args.decoder.")
         for n, p in lvlm.named_parameters():
             p.requires_grad_(n.startswith("policy."))
         self.tasks = list(tasks)
@@ -127,6 +129,9 @@ class PolicyLitModule(L.LightningModule):
         tok = getattr(dm, "tokenizer", None)
         self.pad_id = tok.pad_id if tok is not None else 0
         self.tokenizer = tok
+        if stage == "fit" and self.hparams.universal_checkpoint is None and self.trainer.ckpt_path is None:
+            raise ValueError("model.init_args.universal_checkpoint is null: the router would learn over an untrained "
+                             "model; give the universal export (configs/visor.yaml + configs/universal.yaml)")
         if dm is not None and dm.hparams.image_size != self.lvlm.vision.image_size:
             raise ValueError(f"data.image_size={dm.hparams.image_size} differs from "
                              f"model.init_args.lvlm.init_args.vision.init_args.image_size={self.lvlm.vision.image_size}")
