@@ -72,3 +72,25 @@ def accuracy_logs(tasks: Dict[str, torch.Tensor], difficulty: Dict[str, torch.Te
     out = {("val/acc" if name == "all" else f"val/acc/{name}"): acc for name, acc in tasks.items()}
     out.update({f"val/acc/{name}": acc for name, acc in difficulty.items() if name != "all"})
     return out
+
+
+class MeanFlops(Metric):
+    """Mean LLM and total GFLOPs per sample (src.flops.SampleFlops), summed as integers: exact at any
+    size, kept in int64 when a bf16 model converts its floats, and summed across ranks."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("llm", "total", "samples"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, flops: Sequence) -> None:
+        """flops: one SampleFlops per sample."""
+        self.llm += sum(int(f.llm) for f in flops)
+        self.total += sum(int(f.total) for f in flops)
+        self.samples += len(flops)
+
+    def compute(self) -> Dict[str, float]:
+        n = max(1, int(self.samples))
+        return {"llm": int(self.llm) / n / 1e9, "total": int(self.total) / n / 1e9}

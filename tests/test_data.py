@@ -243,3 +243,22 @@ def test_the_run_seed_orders_training_but_not_the_data(tmp_path, monkeypatch):
     assert order("val") == order("val", shuffle_seed=3)
     with pytest.raises(ValueError, match="data.shuffle_seed"):
         VQADataModule(root=str(tmp_path), shuffle_seed=-1)
+
+
+@pytest.mark.parametrize("n_shards,world,workers,split", [(3, 2, 2, "shards"), (4, 2, 2, "shards"), (1, 2, 1, "samples"),
+                                                           (3, 2, 2, "samples"), (5, 1, 3, "samples")])
+def test_ranks_and_workers_read_every_image_once(tmp_path, monkeypatch, n_shards, world, workers, split):
+    """Every (rank, worker) reader of a split, as webdataset names them (RANK / WORLD_SIZE / WORKER /
+    NUM_WORKERS): together they see each image exactly once, and none is left with nothing (3 shards
+    for 4 readers fall back to splitting the images, one shard for two ranks too)."""
+    urls = [_write(tmp_path / f"s-{i:05d}.tar", [{"__key__": f"s{i}_{j}", "png": _png(), "json": json.dumps(_qa()).encode()}
+                                                for j in range(5)]) for i in range(n_shards)]
+    seen = []
+    for rank in range(world):
+        for worker in range(workers):
+            for name, value in {"RANK": rank, "WORLD_SIZE": world, "WORKER": worker, "NUM_WORKERS": workers}.items():
+                monkeypatch.setenv(name, str(value))
+            keys = [s["key"] for s in qa_dataset(urls, QAExpander(TOK, 32, 24), split=split, workers=workers)]
+            assert keys, (rank, worker)
+            seen += keys
+    assert sorted(seen) == sorted(f"s{i}_{j}" for i in range(n_shards) for j in range(5))

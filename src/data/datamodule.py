@@ -153,7 +153,9 @@ class VQADataModule(L.LightningDataModule):
         return int(run_seed) if run_seed is not None else h.seed
 
     def _loader(self, split: str, batch_size: int, shuffle: int) -> DataLoader:
-        ds = qa_dataset(self.shards(split), self.expanders[split], shuffle=shuffle, seed=self.training_order_seed())
+        # training: each rank / worker its own shards; evaluation: every image exactly once across them
+        ds = qa_dataset(self.shards(split), self.expanders[split], shuffle=shuffle, seed=self.training_order_seed(),
+                        split="shards" if split == "train" else "samples", workers=self.hparams.num_workers)
         return self._batches(ds, batch_size)
 
     def _batches(self, ds, batch_size: int) -> DataLoader:
@@ -185,4 +187,5 @@ class VQADataModule(L.LightningDataModule):
         if not urls:
             raise FileNotFoundError(f"data.predict_shards={h.predict_shards} names no .tar shards "
                                     "(give a folder of shards or a glob such as 'dir/test-*.tar')")
-        return self._batches(qa_dataset(urls, self.expanders["val"], shuffle=0, seed=h.seed), h.val_batch_size)
+        return self._batches(qa_dataset(urls, self.expanders["val"], shuffle=0, seed=h.seed, split="samples",
+                                        workers=h.num_workers), h.val_batch_size)

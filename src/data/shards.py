@@ -297,13 +297,47 @@ def collate(samples: List[dict], pad_id: int, image_at: int = 0) -> Dict[str, ob
             "key": [s["key"] for s in samples], "skipped": dict(skipped), "image_at": image_at}
 
 
-def qa_dataset(urls: List[str], expander: QAExpander, shuffle: int = 0, seed: int = 0) -> wds.WebDataset:
-    """Shard list -> iterable of QA samples, split by node and by DataLoader worker."""
+SPLITS = ("shards", "samples")
+
+
+def reader_index() -> Tuple[int, int]:
+    """(this reader's index, the number of readers) over all ranks x DataLoader workers: rank-major,
+    from torch.distributed (or RANK / WORLD_SIZE) and the worker info (webdataset's own reading)."""
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    return rank * workers + worker, world * workers
+
+
+def every_nth_sample(src: Iterator[dict]) -> Iterator[dict]:
+    """The samples of `src` at positions this reader owns (position mod readers): every sample to
+    exactly one reader, however few shards there are."""
+    index, readers = reader_index()
+    for position, sample in enumerate(src):
+        if position % readers == index:
+            yield sample
+
+
+def qa_dataset(urls: List[str], expander: QAExpander, shuffle: int = 0, seed: int = 0,
+               split: str = "shards", workers: int = 1) -> wds.WebDataset:
+    """Shard list -> iterable of QA samples, shared out among ranks and DataLoader workers.
+
+    split: 'shards' (each reader reads its own shards; with fewer shards than readers some would read
+    nothing, so it falls back to 'samples') or 'samples' (each reads every shard and keeps every
+    n-th image: evaluation, where no image may be dropped or read twice). workers: the DataLoader's
+    worker processes (0 or 1: one reader per rank).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     missing = [u for u in urls if not Path(u).exists()]
     if missing:
         raise FileNotFoundError(f"missing shards: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    _, world, _, _ = wds.utils.pytorch_worker_info()
+    by_shards = split == "shards" and len(urls) >= world * max(1, workers)
+    everything = lambda src: src  # noqa: E731  (each reader sees every shard; every_nth_sample splits)
     ds = wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed, handler=_tar_error,
-                        nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False)
+                        nodesplitter=wds.split_by_node if by_shards else everything,
+                        workersplitter=wds.split_by_worker if by_shards else everything, empty_check=False)
+    if not by_shards:
+        ds = ds.compose(every_nth_sample)
     ds = ds.compose(expander)
     if shuffle:
         ds = ds.shuffle(shuffle, initial=shuffle // 2, seed=seed)

@@ -22,14 +22,16 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 
 from src.data.generator import TASKS
-from src.flops import SampleFlops, sample_flops
+from src.flops import sample_flops
 from src.lit.batch import answer_logits, image_at, image_sizes
 from src.lit.checkpoint_io import load_base_checkpoint
+from src.lit.distributed import is_distributed, prepare_ddp
 from src.lit.frozen import hold_eval
 from src.lit.predict import log_cache_report, prediction_rows, split_prompt
-from src.metrics import GroupedAccuracy, accuracy_logs, exact_match
+from src.metrics import GroupedAccuracy, MeanFlops, accuracy_logs, exact_match
 from src.models.generation import generate
 from src.models.lvlm import VisorLVLM
 from src.plots import to_tensorboard, xy_chart
@@ -122,13 +124,15 @@ class VisorLitModule(L.LightningModule):
         self.val_budgets = list(range(n_budgets)) if n_budgets > 1 else []  # evaluated besides the largest
         self.val_budget_acc = torch.nn.ModuleList(GroupedAccuracy(["easy", "hard"]) for _ in self.val_budgets)
         self.val_budget_task_acc = torch.nn.ModuleList(GroupedAccuracy(self.tasks) for _ in self.val_budgets)
-        self._val_budget_flops: List[List[float]] = [[] for _ in self.val_budgets]
+        self.val_budget_flops = torch.nn.ModuleList(MeanFlops() for _ in self.val_budgets)
         self.skipped = {"train": Counter(), "val": Counter()}
         self._step_times: List[float] = []
         self.pad_id = 0
         self.tokenizer = None  # the datamodule's, from setup(); predict decodes with it
         self._predict_seen: Counter = Counter()
-        self._val_flops: List[SampleFlops] = []
+        self.val_flops = MeanFlops()  # per-sample means over the whole validation set, every rank's
+        # the mean NLL per answer token over the whole set (however it is batched or shared out)
+        self.val_loss = MeanMetric().set_dtype(torch.float64)
         self._stage2: Optional[bool] = None  # the training stage the requires_grad flags are set for
 
     # -- modes ----------------------------------------------------------------------------------
@@ -149,6 +153,7 @@ class VisorLitModule(L.LightningModule):
         if dm is not None and getattr(dm.hparams, "image_size", None) not in (None, self.lvlm.vision.image_size):
             raise ValueError(f"data.image_size={dm.hparams.image_size} differs from "
                              f"model.lvlm.init_args.vision.init_args.image_size={self.lvlm.vision.image_size}")
+        prepare_ddp(self.trainer, skips_layers=self.lvlm.plan.n_budgets > 1)
         if stage == "fit":
             self._set_stage()  # before Lightning's model summary, so it counts this phase's trainable parameters
 
@@ -161,15 +166,26 @@ class VisorLitModule(L.LightningModule):
         if self._stage2 == stage2:
             return
         self._stage2 = stage2
-        new = set(self.new_params)
-        for name, p in self.named_parameters():
-            if name in new or (self.hparams.freeze_vision and name.startswith("lvlm.vision.")) or \
-                    (self.hparams.freeze_embeddings and name.startswith(FROZEN_EMBEDDINGS)):
-                continue
-            p.requires_grad_(stage2)
+        # DDP fixes the parameters it synchronises when it wraps the model: under it the base stays
+        # trainable and stage 1 drops the base's gradients before each optimizer step instead
+        # (on_before_optimizer_step), which leaves AdamW's updates and state as in one process.
+        for p in self._stage2_params():
+            p.requires_grad_(stage2 or is_distributed(self.trainer))
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         log.info("step %d: stage %d, %s trainable parameters (%s)", self.global_step, 2 if stage2 else 1,
                  f"{trainable:,}", "all not frozen" if stage2 else "the new parts only")
+
+    def _stage2_params(self) -> List[torch.nn.Parameter]:
+        """The parameters stage 1 holds still: the base's, less what stays frozen throughout."""
+        new = set(self.new_params)
+        return [p for name, p in self.named_parameters()
+                if not (name in new or (self.hparams.freeze_vision and name.startswith("lvlm.vision."))
+                        or (self.hparams.freeze_embeddings and name.startswith(FROZEN_EMBEDDINGS)))]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._stage2 is False and is_distributed(self.trainer):
+            for p in self._stage2_params():
+                p.grad = None
 
     # -- steps ----------------------------------------------------------------------------------
     def _loss(self, batch: dict, budget: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -227,8 +243,8 @@ class VisorLitModule(L.LightningModule):
         lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
         sizes, at = image_sizes(batch), image_at(batch)
         flops = [sample_flops(self.lvlm, t, image_hw=hw, image_at=at) for t, hw in zip(lengths, sizes)]
-        self.log("val/loss", loss, batch_size=B)
-        self._val_flops += flops
+        self.val_loss.update(loss.detach().double(), weight=int((batch["labels"] != -100).sum()))
+        self.val_flops.update(flops)
         for j, k in enumerate(self.val_budgets):  # every budget of a universal model
             if k == self.lvlm.plan.largest_budget:
                 correct_k = correct
@@ -237,16 +253,18 @@ class VisorLitModule(L.LightningModule):
                 correct_k = exact_match(logits_k, batch["labels"])
             self.val_budget_acc[j].update(correct_k, batch["difficulty"])
             self.val_budget_task_acc[j].update(correct_k, batch["task"])
-            self._val_budget_flops[j] += [sample_flops(self.lvlm, t, k, hw, at).llm / 1e9 for t, hw in zip(lengths, sizes)]
+            self.val_budget_flops[j].update([sample_flops(self.lvlm, t, k, hw, at) for t, hw in zip(lengths, sizes)])
 
     def on_validation_epoch_end(self) -> None:
         tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
         self.log_dict(accuracy_logs(tasks, difficulty))
-        n = max(1, len(self._val_flops))  # per-sample means over the whole validation set
-        gflops = sum(f.llm for f in self._val_flops) / n / 1e9
+        means = self.val_flops.compute()
+        gflops = means["llm"]
+        self.log("val/loss", float(self.val_loss.compute()))
+        self.val_loss.reset()
         self.log("val/gflops", gflops)
-        self.log("val/gflops_total", sum(f.total for f in self._val_flops) / n / 1e9)
-        self._val_flops = []
+        self.log("val/gflops_total", means["total"])
+        self.val_flops.reset()
         if not self.trainer.sanity_checking:
             parts = [f"{k} {100 * float(v):.1f}" for k, v in {**difficulty, **tasks}.items() if k != "all"]
             rank_zero_info(f"[val] step {self.global_step} ({self.lvlm.plan}): accuracy % " + ", ".join(parts)
@@ -264,10 +282,10 @@ class VisorLitModule(L.LightningModule):
         for j, k in enumerate(self.val_budgets):
             acc = {g: float(v) for g, v in self.val_budget_acc[j].compute().items()}
             tasks = {t: float(v) for t, v in self.val_budget_task_acc[j].compute().items() if t != "all"}
-            gflops = sum(self._val_budget_flops[j]) / max(1, len(self._val_budget_flops[j]))
+            gflops = self.val_budget_flops[j].compute()["llm"]
             self.val_budget_acc[j].reset()
             self.val_budget_task_acc[j].reset()
-            self._val_budget_flops[j] = []
+            self.val_budget_flops[j].reset()
             self.log(f"val/acc@budget={k}", acc["all"])
             for g, value in {"easy": acc["easy"], "hard": acc["hard"], **tasks}.items():
                 self.log(f"val/acc/{g}@budget={k}", value)

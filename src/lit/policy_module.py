@@ -28,6 +28,7 @@ from src.data.generator import TASKS
 from src.flops import sample_flops
 from src.lit.batch import answer_logits, image_at, image_sizes, query_index
 from src.lit.checkpoint_io import load_base_checkpoint
+from src.lit.distributed import gather_lists, prepare_ddp
 from src.lit.frozen import hold_eval
 from src.lit.predict import log_cache_report, prediction_rows, split_prompt
 from src.lit.policy_objectives import MovingAverageBaseline, pseudo_labels, reinforce_loss
@@ -129,6 +130,7 @@ class PolicyLitModule(L.LightningModule):
         tok = getattr(dm, "tokenizer", None)
         self.pad_id = tok.pad_id if tok is not None else 0
         self.tokenizer = tok
+        prepare_ddp(self.trainer, skips_layers=False)  # only the router trains, and it runs for every sample
         if stage == "fit" and self.hparams.universal_checkpoint is None and self.trainer.ckpt_path is None:
             raise ValueError("model.init_args.universal_checkpoint is null: the router would learn over an untrained "
                              "model; give the universal export (configs/visor.yaml + configs/universal.yaml)")
@@ -233,7 +235,7 @@ class PolicyLitModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
         self.log_dict(accuracy_logs(tasks, difficulty))
-        v = self._val
+        v = gather_lists(self._val)  # every rank's samples
         n = max(1, len(v["budgets"]))
         gflops = sum(v["gflops"]) / n
         self.log("val/gflops", gflops)

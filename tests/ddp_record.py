@@ -1,0 +1,24 @@
+"""A callback the two-process tests pass on the command line (`--trainer.callbacks+=tests.ddp_record.Record`):
+each rank writes what the test compares, since the ranks are processes of their own."""
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class Record(L.Callback):
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_end(self, trainer, module) -> None:
+        """rank<r>_weights.pt: every trainable-or-not parameter of the LVLM as this rank ends."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().clone() for k, v in module.lvlm.state_dict().items()},
+                   self.out / f"rank{trainer.global_rank}_weights.pt")
+
+    def on_validation_end(self, trainer, module) -> None:
+        """rank<r>_metrics.json: the logged validation metrics (reduced across ranks) this rank sees."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        (self.out / f"rank{trainer.global_rank}_metrics.json").write_text(json.dumps(metrics, sort_keys=True))
