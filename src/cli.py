@@ -16,12 +16,15 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.data.datamodule import VQADataModule
+from src.lit.faults import AtomicCheckpointIO, StopOnSigterm
 from src.lit.module import VisorLitModule
 from src.lit.predict import JsonlPredictionWriter
 
@@ -35,10 +38,18 @@ def add_prediction_writer(parser) -> None:
 class ConfigOverCheckpoint(LightningCLI):
     """`--ckpt_path` supplies the weights only: the model is built from the configs and command line
     as given. (Lightning's CLI would parse the checkpoint's saved hyperparameters over them, so an
-    override such as `--model.max_new_tokens 4` given with `predict --ckpt_path` would be lost silently.)"""
+    override such as `--model.max_new_tokens 4` given with `predict --ckpt_path` would be lost silently.)
+    Every trainer writes its checkpoints atomically and saves `last.ckpt` on SIGTERM (src/lit/faults.py)."""
 
     def _parse_ckpt_path(self) -> None:
         return None
+
+    def _instantiate_trainer(self, config: Dict[str, Any], callbacks: List[Any]):
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, [*callbacks, StopOnSigterm()])
 
 
 class VisorCLI(ConfigOverCheckpoint):
@@ -89,11 +100,15 @@ def main(args: Optional[List[str]] = None, run: bool = True) -> LightningCLI:
     kwargs = dict(save_config_kwargs={"overwrite": True}, args=args, run=run)
     if not run:
         kwargs.update(save_config_callback=None)
-    if model_path is None and data_path is None:
-        return VisorCLI(VisorLitModule, VQADataModule, **kwargs)
-    return SubclassCLI(_import(model_path) if model_path else VisorLitModule,
-                       _import(data_path) if data_path else VQADataModule,
-                       subclass_mode_model=model_path is not None, subclass_mode_data=data_path is not None, **kwargs)
+    try:
+        if model_path is None and data_path is None:
+            return VisorCLI(VisorLitModule, VQADataModule, **kwargs)
+        return SubclassCLI(_import(model_path) if model_path else VisorLitModule,
+                           _import(data_path) if data_path else VQADataModule,
+                           subclass_mode_model=model_path is not None, subclass_mode_data=data_path is not None,
+                           **kwargs)
+    except SIGTERMException:
+        sys.exit(143)  # 128 + SIGTERM: stopped, not finished (StopOnSigterm saved last.ckpt and said where)
 
 
 if __name__ == "__main__":

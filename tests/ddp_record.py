@@ -22,3 +22,16 @@ class Record(L.Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         (self.out / f"rank{trainer.global_rank}_metrics.json").write_text(json.dumps(metrics, sort_keys=True))
+
+
+class SignalAt(L.Callback):
+    """Sends this process `signal` (a name: SIGKILL, SIGTERM) at the end of training step `step`."""
+
+    def __init__(self, step: int, signal: str) -> None:
+        self.step, self.signal = step, signal
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            import os
+            import signal as signals
+            os.kill(os.getpid(), getattr(signals, self.signal))

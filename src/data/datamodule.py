@@ -166,8 +166,21 @@ class VQADataModule(L.LightningDataModule):
                                                        image_at=self.tokenizer.image_at),
                           persistent_workers=self.hparams.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.hparams.batch_size, self.hparams.shuffle_buffer)
+    def train_dataloader(self):
+        """The training stream; on a resume mid-epoch, from the batch after the last one trained (the
+        stream's order is a function of the seed alone, the same every epoch)."""
+        loader = self._loader("train", self.hparams.batch_size, self.hparams.shuffle_buffer)
+        done = self._batches_trained_this_epoch()
+        return SkipFirstBatches(loader, done) if done else loader
+
+    def _batches_trained_this_epoch(self) -> int:
+        """On a fit restored from a checkpoint: the batches of its epoch already trained, else 0."""
+        fit_loop = getattr(self.trainer, "fit_loop", None) if self.trainer is not None else None
+        if fit_loop is None or not fit_loop.restarting:
+            return 0
+        # `processed`: the batches whose step ran (a checkpoint saved at a step's end counts it as
+        # processed before it is `completed`)
+        return int(fit_loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.hparams.val_batch_size, 0)
@@ -189,3 +202,19 @@ class VQADataModule(L.LightningDataModule):
                                     "(give a folder of shards or a glob such as 'dir/test-*.tar')")
         return self._batches(qa_dataset(urls, self.expanders["val"], shuffle=0, seed=h.seed, split="samples",
                                         workers=h.num_workers), h.val_batch_size)
+
+
+class SkipFirstBatches:
+    """`loader` whose first pass leaves out its first `n` batches (read and dropped: the stream has no
+    index to seek by); later passes (epochs) are whole."""
+
+    def __init__(self, loader: DataLoader, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        batches, skip = iter(self.loader), self.n
+        self.n = 0
+        for _ in range(skip):
+            if next(batches, None) is None:
+                return
+        yield from batches
