@@ -40,9 +40,9 @@ ROWS: Dict[str, tuple] = {
     "visor": ("VISOR S C C T C C, the shipped export (checkpoints/visor)", "checkpoint=checkpoints/visor,budget=max",
               ROOT / "checkpoints/visor"),
     "universal_min": ("VISOR universal, budget 0",
-                      "checkpoint=outputs/universal/export,budget=min", run_logdir("budgets", "universal")),
+                      "checkpoint=outputs/universal/export,config=configs/visor.yaml+configs/universal.yaml,budget=min", run_logdir("budgets", "universal")),
     "universal_max": ("VISOR universal, budget 2",
-                      "checkpoint=outputs/universal/export,budget=max", run_logdir("budgets", "universal")),
+                      "checkpoint=outputs/universal/export,config=configs/visor.yaml+configs/universal.yaml,budget=max", run_logdir("budgets", "universal")),
     "policy_reinforce": ("VISOR universal + REINFORCE router",
                          "checkpoint=outputs/budgets/policy_reinforce/run/checkpoints/last.ckpt,"
                          "config=configs/policy.yaml,budget=policy", run_logdir("budgets", "policy_reinforce")),

@@ -4,10 +4,12 @@
         --out checkpoints/base [--note "interim: ..."]
 
 The manifest records the recipe, commit, data seed, training step and the validation accuracy
-per task measured here, on the exported (half-precision) weights."""
+per task measured here, on the exported (half-precision) weights; the data's tokenizer.json is
+copied beside them."""
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
@@ -40,6 +42,8 @@ def main(argv=None) -> dict:
                 "global_step": ckpt.get("global_step"), "note": args.note,
                 "validation": {k: round(float(v), 4) for k, v in metrics.items()}}
     export_checkpoint(lvlm, args.out, manifest)
+    h = cli.datamodule.hparams  # the tokenizer travels with the weights (src/eval/checkpoints.py reads it)
+    shutil.copyfile(h.tokenizer_path or Path(h.root) / "tokenizer.json", Path(args.out) / "tokenizer.json")
     print(f"exported {args.out}: step {manifest['global_step']}, validation {manifest['validation']}")
     return manifest
 

@@ -210,3 +210,55 @@ def test_lmms_eval_router_budgets_are_predicts(tmp_path, monkeypatch):
             assert stat["budget"] == row["budget"] and stat["gflops"] == pytest.approx(row["gflops"]), (stat, row)
             assert s["filtered_resps"].strip() == row["prediction"].strip()
         assert len({r["budget"] for r in rows.values()}) > 1, rows  # the router chose different budgets
+
+
+def _local_docvqa(folder: Path, answers) -> Path:
+    """A stand-in for a downloaded DocVQA dataset repo: README.md whose `configs:` name the parquet
+    file, as on the Hub, and the columns lmms-eval's docvqa tasks read (images in modes L and RGBA too)."""
+    import datasets
+    from PIL import Image
+
+    rows = {"questionId": [], "question": [], "image": [], "answers": []}
+    for i, answer in enumerate(answers):
+        mode = ["RGB", "L", "RGBA"][i % 3]
+        rows["questionId"].append(str(5000 + i))
+        rows["question"].append(f"What is written in box {i}?")
+        rows["image"].append(Image.new(mode, (64 + 8 * i, 48), 255 if mode == "L" else (255,) * len(mode)))
+        rows["answers"].append(answer)
+    features = datasets.Features({"questionId": datasets.Value("string"), "question": datasets.Value("string"),
+                                  "image": datasets.Image(), "answers": datasets.Sequence(datasets.Value("string"))})
+    (folder / "DocVQA").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "DocVQA/validation-00000-of-00001.parquet"))
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: DocVQA\n  data_files:\n  - split: validation\n"
+                                      "    path: DocVQA/validation-*\n---\n")
+    return folder
+
+
+def test_a_standard_task_runs_on_a_local_copy_of_its_data(tmp_path):
+    """lmms-eval's own docvqa_val (its prompt, `until`, ANLS) through src.eval.local_task over a
+    local folder, with the shipped VISOR export: every sample answered, and ANLS computed on the
+    plugin's text (rows whose answer list holds the model's answer score 1, the others 0)."""
+    from src.eval.local_task import write_local_task
+
+    # the shipped model answers a blank page "white 1 white": rows 0, 1 and 3 list that answer
+    answers = [["white 1 white"], ["white", "white 1 white"], ["zzz"], ["white 1 white"], ["qqq"]]
+    data = _local_docvqa(tmp_path / "DocVQA", answers)
+    tasks = write_local_task("docvqa_val", str(data), out=str(tmp_path / "local_tasks"))
+    assert tasks.name == "docvqa_val_local.yaml" and "lmms_eval/tasks/docvqa/" in tasks.read_text()
+    # a fresh datasets cache: datasets would otherwise serve an earlier run's copy of a same-named dataset
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf_home")}
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "lmms_eval", "eval", "--model", "visor", "--model_args",
+                          f"checkpoint={ROOT / 'checkpoints/visor'},budget=max", "--include_path", str(tasks.parent),
+                          "--tasks", "docvqa_val_local", "--batch_size", "2", "--limit", "4", "--log_samples",
+                          "--output_path", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]["docvqa_val_local"]
+    samples = [json.loads(line) for line in next(out.rglob("*_samples_docvqa_val_local.jsonl")).open()]
+    assert len(samples) == 4
+    hits = [float(s["filtered_resps"].strip().lower() in [a.lower() for a in answers[s["doc_id"]]]) for s in samples]
+    assert [s["anls"] for s in sorted(samples, key=lambda s: s["doc_id"])] == [
+        h for _, h in sorted(zip([s["doc_id"] for s in samples], hits))]
+    assert 0 < sum(hits) < 4, [s["filtered_resps"] for s in samples]  # both outcomes occur
+    assert results["anls,none"] == pytest.approx(sum(hits) / 4)

@@ -5,7 +5,8 @@ the training loop.
 Accepted `checkpoint`s:
   - an export folder (`model.safetensors` + `manifest.json` with the recipe it was fit with: the
     shipped base, a VISOR or universal export): the model is built from that recipe (or `config`)
-    and every tensor of the export is loaded;
+    and every tensor of the export is loaded; its `tokenizer.json` where it has one (src/export.py
+    writes it), else the recipe's data's;
   - a Lightning `.ckpt` (a VISOR fit, a policy stage with its router): needs `config`, the YAML(s)
     it was fit with (`a.yaml+b.yaml` for a delta);
   - a converted LLaVA-OneVision folder (`python -m src.convert_llava_ov`, manifest `lvlm_init_args`):
@@ -82,6 +83,8 @@ def load_for_eval(checkpoint: str, config: Optional[str] = None, tokenizer: Opti
         load_base_checkpoint(module.lvlm, path, may_lack=[])  # every tensor of the model from the export
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer, chat_template or dm.hparams.chat_template)
+    elif (path / "tokenizer.json").exists():  # an export carries its data's tokenizer (src/export.py)
+        tok = load_tokenizer(path / "tokenizer.json", chat_template or dm.hparams.chat_template)
     else:
         tok_path = Path(dm.hparams.tokenizer_path or Path(dm.hparams.root) / "tokenizer.json")
         if not tok_path.exists():
@@ -98,12 +101,15 @@ def _configs(path: Path, manifest: dict, config: Optional[str]) -> List[str]:
         if missing:
             raise FileNotFoundError(f"config: {missing} do not exist")
         return configs
-    if path.suffix == ".ckpt" or not manifest.get("recipe_text"):
-        raise ValueError(f"checkpoint={path}: give config=<the YAML it was fit with> (a Lightning .ckpt, or an "
-                         "export whose manifest.json records no recipe)")
-    recipe = Path(tempfile.mkdtemp(prefix="visor_recipe_")) / "recipe.yaml"
-    recipe.write_text(manifest["recipe_text"])
-    return [str(recipe)]
+    texts = manifest.get("recipe_texts") or ([manifest["recipe_text"]] if manifest.get("recipe_text") else None)
+    if path.suffix == ".ckpt" or not texts:
+        raise ValueError(f"checkpoint={path}: give config=<the YAML(s) it was fit with, a.yaml+b.yaml> (a Lightning "
+                         ".ckpt, or an export whose manifest.json records no recipe)")
+    folder = Path(tempfile.mkdtemp(prefix="visor_recipe_"))
+    recipes = [folder / f"recipe{i}.yaml" for i in range(len(texts))]
+    for recipe, text in zip(recipes, texts):
+        recipe.write_text(text)
+    return [str(r) for r in recipes]
 
 
 def _instantiate(configs: List[str], path: Path):

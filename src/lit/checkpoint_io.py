@@ -52,12 +52,16 @@ def git_commit() -> str:
 
 
 def fit_manifest(trainer, config_path: Optional[str]) -> dict:
-    """What a fit's export records beside the weights: the recipe (path and text), the data
-    module's settings, the step and the last validation metrics."""
+    """What a fit's export records beside the weights: the recipe (config_path: a YAML, or deltas
+    joined by '+', `configs/visor.yaml+configs/universal.yaml`; each file's text, in order), the
+    data module's settings, the step and the last validation metrics."""
     dm = trainer.datamodule
+    paths = [p for p in (config_path or "").split("+") if p]
+    texts = [Path(p).read_text() for p in paths if Path(p).exists()]
     return {
         "recipe": config_path,
-        "recipe_text": Path(config_path).read_text() if config_path and Path(config_path).exists() else None,
+        "recipe_text": texts[0] if len(texts) == len(paths) == 1 else None,
+        "recipe_texts": texts if len(texts) == len(paths) and texts else None,
         "data": dict(dm.hparams) if dm is not None else None,
         "global_step": trainer.global_step,
         "validation": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
