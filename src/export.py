@@ -9,14 +9,13 @@ copied beside them."""
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
 
 from src.cli import VisorCLI
 from src.data.datamodule import VQADataModule
-from src.lit.checkpoint_io import export_checkpoint, exportable_state
+from src.lit.checkpoint_io import data_tokenizer, export_checkpoint, exportable_state
 from src.lit.module import VisorLitModule
 
 
@@ -41,9 +40,7 @@ def main(argv=None) -> dict:
                 "data": dict(cli.datamodule.hparams), "source_checkpoint": args.ckpt,
                 "global_step": ckpt.get("global_step"), "note": args.note,
                 "validation": {k: round(float(v), 4) for k, v in metrics.items()}}
-    export_checkpoint(lvlm, args.out, manifest)
-    h = cli.datamodule.hparams  # the tokenizer travels with the weights (src/eval/checkpoints.py reads it)
-    shutil.copyfile(h.tokenizer_path or Path(h.root) / "tokenizer.json", Path(args.out) / "tokenizer.json")
+    export_checkpoint(lvlm, args.out, manifest, data_tokenizer(cli.datamodule))
     print(f"exported {args.out}: step {manifest['global_step']}, validation {manifest['validation']}")
     return manifest
 

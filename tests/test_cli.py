@@ -121,7 +121,10 @@ def test_universal_then_policy_stage_from_the_cli(workdir, base_export):
     assert {"easy", "hard", "count", "read"} <= set(tasks), tasks
     assert all(float(metrics[f"val/acc/{t}@budget=2"]) == float(metrics[f"val/acc/{t}"]) for t in tasks)
     export = workdir / "outputs/universal/export"
-    assert (export / "model.safetensors").exists()
+    assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
+    from src.eval.checkpoints import load_for_eval  # the export alone (both recipe files, its tokenizer) rebuilds it
+    evaluated = load_for_eval(str(export))
+    assert evaluated.lvlm.plan.n_budgets == 3 and evaluated.tokenizer.vocab_size == cli.datamodule.tokenizer.vocab_size
     from safetensors.torch import load_file
     exported = load_file(str(export / "model.safetensors"))
     for mode in ("reinforce", "pseudo_label"):

@@ -6,7 +6,7 @@ from typing import Optional
 
 import lightning as L
 
-from src.lit.checkpoint_io import export_checkpoint, fit_manifest
+from src.lit.checkpoint_io import data_tokenizer, export_checkpoint, fit_manifest
 
 log = logging.getLogger(__name__)
 
@@ -22,5 +22,5 @@ class ExportCheckpoint(L.Callback):
         if not trainer.is_global_zero:
             return
         manifest = {**fit_manifest(trainer, self.config_path), "module": dict(pl_module.hparams)}
-        out = export_checkpoint(pl_module.lvlm, self.dirpath, manifest)
+        out = export_checkpoint(pl_module.lvlm, self.dirpath, manifest, data_tokenizer(trainer.datamodule))
         log.info("exported base checkpoint to %s (val/acc=%s)", out, manifest["validation"].get("val/acc"))

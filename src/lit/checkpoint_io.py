@@ -3,6 +3,7 @@ into a (possibly VISOR-converted) LVLM with an explicit account of every tensor.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -51,13 +52,24 @@ def git_commit() -> str:
         return "unknown"
 
 
+def data_tokenizer(datamodule) -> Optional[Path]:
+    """The tokenizer.json a datamodule reads (its tokenizer_path, else <root>/tokenizer.json), if any."""
+    h = getattr(datamodule, "hparams", None)
+    if h is None or "root" not in h:
+        return None
+    path = Path(h.get("tokenizer_path") or Path(h["root"]) / "tokenizer.json")
+    return path if path.exists() else None
+
+
 def fit_manifest(trainer, config_path: Optional[str]) -> dict:
     """What a fit's export records beside the weights: the recipe (config_path: a YAML, or deltas
     joined by '+', `configs/visor.yaml+configs/universal.yaml`; each file's text, in order), the
     data module's settings, the step and the last validation metrics."""
     dm = trainer.datamodule
     paths = [p for p in (config_path or "").split("+") if p]
-    texts = [Path(p).read_text() for p in paths if Path(p).exists()]
+    # from the working directory, else the repository (the configs name their files repo-relative)
+    files = [Path(p) if Path(p).exists() else Path(__file__).resolve().parents[2] / p for p in paths]
+    texts = [f.read_text() for f in files if f.exists()]
     return {
         "recipe": config_path,
         "recipe_text": texts[0] if len(texts) == len(paths) == 1 else None,
@@ -68,10 +80,15 @@ def fit_manifest(trainer, config_path: Optional[str]) -> dict:
     }
 
 
-def export_checkpoint(model: VisorLVLM, out_dir: str | Path, manifest: dict) -> Path:
+def export_checkpoint(model: VisorLVLM, out_dir: str | Path, manifest: dict,
+                      tokenizer: Optional[str | Path] = None) -> Path:
+    """model.safetensors (half precision) + manifest.json (+ the data's tokenizer.json, copied, so the
+    export answers questions on its own: src/eval/checkpoints.py) -> out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(exportable_state(model), str(out_dir / "model.safetensors"))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
     manifest = {"architecture": architecture(model), "commit": git_commit(), **manifest}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     return out_dir
