@@ -62,3 +62,36 @@ def test_validate_on_two_processes_reports_what_one_does(tmp_path):
     assert {k for k in one if k.startswith("val/acc")} == {k for k in two if k.startswith("val/acc")}
     for k, v in one.items():
         assert two[k] == pytest.approx(v, abs=1e-6 if k.startswith("val/acc") or "gflops" in k else 1e-4), k
+
+
+def test_policy_validate_on_two_processes_reports_what_one_does(tmp_path, monkeypatch):
+    """The policy stage's epoch statistics (GFLOPs, budget mix per task, reward) are gathered from
+    every rank (src.lit.distributed.gather_lists): 2 processes report what 1 does. The router: a
+    2-step fit (its feature statistics learnt), then random weights, so that its choices vary."""
+    from src.cli import main
+    from src.lit.checkpoint_io import export_checkpoint
+    from src.models import DecoderConfig, LayerPlan, VisionEncoder, VisorLVLM
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    universal = VisorLVLM(VisionEncoder("lcnet_075", 2, 128, pos_embed="sincos", feature_norm=True),
+                          DecoderConfig(preset="tiny"), LayerPlan(6, self_layers=[0, 2, 4], optional_self=[2, 4],
+                                                                  cross_layers=[1, 5], skip_kind="cross"), pos_conv=True)
+    policy = ["--config", str(ROOT / "configs/policy.yaml"), "--model.init_args.universal_checkpoint",
+              str(export_checkpoint(universal, tmp_path / "universal", {})), "--data.root", str(tmp_path / "data"), *DATA]
+    fit = main(["fit", *policy, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"])
+    with torch.no_grad():
+        for p in fit.model.lvlm.policy.parameters():
+            p.normal_(0, 1)
+    ckpt = tmp_path / "policy.ckpt"
+    fit.trainer.save_checkpoint(str(ckpt))
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    args = ["validate", *policy[:4], "--ckpt_path", str(ckpt), "--trainer.callbacks+=tests.ddp_record.Record"]
+    cli(tmp_path, *args, f"--trainer.callbacks.out={out1}", devices=1)
+    cli(tmp_path, *args, f"--trainer.callbacks.out={out2}", devices=2)
+    one, two = _metrics(out1 / "rank0_metrics.json"), _metrics(out2 / "rank0_metrics.json")
+    assert two == _metrics(out2 / "rank1_metrics.json")
+    assert one.keys() == two.keys()
+    assert max(one[f"val/budget_frac/{k}"] for k in range(3)) < 1, one  # the router's choices vary
+    for k, v in one.items():
+        assert two[k] == pytest.approx(v, abs=1e-6), k
