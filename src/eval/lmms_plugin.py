@@ -38,6 +38,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 
 from src.eval.checkpoints import load_for_eval
 from src.flops import sample_flops
+from src.lit.batch import sizes_of
 from src.lit.predict import decode
 from src.models.generation import generate
 from src.models.policy import select_budgets
@@ -86,9 +87,12 @@ class Visor(lmms):
         context, gen_kwargs, doc_to_visual, doc_id, task, split = args
         return context, _one_image(doc_to_visual(self.task_dict[task][split][doc_id]), task, doc_id), gen_kwargs
 
-    def _image_sizes(self, images) -> List[Optional[tuple]]:
-        """Each image's (H, W) where its visual token count depends on it (AnyRes), else None."""
-        return [tuple(hw) for hw in images.sizes.tolist()] if self.model.anyres else [None] * len(images)
+    def _right_padded(self, rows: List[List[int]]) -> torch.Tensor:
+        """Token rows -> (B, T) right-padded with pad_id on the device (T: the longest row)."""
+        ids = torch.full((len(rows), max(map(len, rows))), self.tok.pad_id, dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.tensor(row)
+        return ids.to(self.device)
 
     def _budget(self, lengths: List[int], sizes: List[Optional[tuple]]):
         """The budget spec `generate` takes: an index, or the router with this batch's relative costs
@@ -134,12 +138,9 @@ class Visor(lmms):
         max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
         prompts = [self.tok.prompt(question) for _, question, _, _, _, _ in chunk]
         lengths = [len(p) for p in prompts]
-        ids = torch.full((len(chunk), max(lengths)), self.tok.pad_id, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(p)
-        ids = ids.to(self.device)
+        ids = self._right_padded(prompts)
         images = self.model.images([image for _, _, image, _, _, _ in chunk], self.device)
-        sizes = self._image_sizes(images)
+        sizes = sizes_of(images)
         out = generate(self.lvlm, images, ids, torch.tensor(lengths, device=self.device), max_new,
                        budget=self._budget(lengths, sizes), eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
                        temperature=temperature, generator=self.generator if temperature > 0 else None,
@@ -186,19 +187,16 @@ class Visor(lmms):
     def _loglikelihood(self, chunk) -> List[Tuple[float, bool]]:
         """A batch of (index, prompt, continuation, image) -> (NLL, greedy) each."""
         rows = [prompt + cont[:-1] for _, prompt, cont, _ in chunk]
-        T = max(map(len, rows))
-        ids = torch.full((len(chunk), T), self.tok.pad_id, dtype=torch.long)
-        at = torch.zeros(len(chunk), T, dtype=torch.bool)  # the positions that predict the continuation
-        prompt_mask = torch.zeros(len(chunk), T, dtype=torch.bool)
-        for b, (row, (_, prompt, cont, _)) in enumerate(zip(rows, chunk)):
-            ids[b, : len(row)] = torch.tensor(row)
-            at[b, len(prompt) - 1: len(row)] = True
-            prompt_mask[b, : len(prompt)] = True
-        ids, at, prompt_mask = ids.to(self.device), at.to(self.device), prompt_mask.to(self.device)
+        ids = self._right_padded(rows)
         lengths = [len(prompt) for _, prompt, _, _ in chunk]
-        last = torch.tensor(lengths, device=self.device) - 1  # fastv ranks by the last prompt token, as in generation
+        prompt_len = torch.tensor(lengths, device=self.device)[:, None]
+        row_len = torch.tensor([len(row) for row in rows], device=self.device)[:, None]
+        pos = torch.arange(ids.shape[1], device=self.device)[None, :]
+        at = (pos >= prompt_len - 1) & (pos < row_len)  # the positions that predict the continuation
+        prompt_mask = pos < prompt_len
+        last = prompt_len[:, 0] - 1  # fastv ranks by the last prompt token, as in generation
         images = self.model.images([image for *_, image in chunk], self.device)
-        k = self._budget(lengths, self._image_sizes(images))
+        k = self._budget(lengths, sizes_of(images))
         if callable(k):
             logits = self.lvlm.routed(images, ids, prompt_mask, k, last, logits_at=at, image_at=self.tok.image_at)[0]
         else:

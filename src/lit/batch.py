@@ -12,7 +12,11 @@ from src.models.lvlm import VisorLVLM
 def image_sizes(batch: dict) -> List[Optional[Tuple[int, int]]]:
     """Each sample's original (height, width) when the images are AnyRes tiles (their token counts
     differ), else None per sample (one crop each): what `src.flops.sample_flops(image_hw=)` takes."""
-    images = batch["images"]
+    return sizes_of(batch["images"])
+
+
+def sizes_of(images) -> List[Optional[Tuple[int, int]]]:
+    """`image_sizes` of images (B, 3, S, S) or TiledImages themselves."""
     if isinstance(images, TiledImages):
         return [tuple(hw) for hw in images.sizes.tolist()]
     return [None] * images.shape[0]
