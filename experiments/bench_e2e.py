@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.bench_cross_attention import interleaved_times, machine_name, matmul_rate, write_report as write_lines  # noqa: E402
-from src.flops import budget_kinds, fastv_rank_flops, llm_flops, measured_flops  # noqa: E402
+from src.flops import fastv_rank_flops, llm_flops, measured_flops  # noqa: E402
 from src.models.decoder import PRESETS, Decoder  # noqa: E402
 from src.models.generation import decode_step  # noqa: E402
 from src.models.hf_import import decoder_from_hf  # noqa: E402
@@ -154,7 +154,7 @@ def row_flops(row, V: int, T: int, image_at: int = 0) -> int:
     text tokens before the image."""
     dec = row.dec
     c, plan = dec.config, dec.plan
-    kinds = budget_kinds(plan)
+    kinds = plan.budget_kinds()
     if row.reducer is not None:
         crops = V // CROP
         V_in = crops * row.reducer.n_tokens(CROP) + (V - crops * CROP)

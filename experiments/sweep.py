@@ -25,6 +25,19 @@ Resumable: a point whose run finished (DONE beside its logs) is not rerun. `--jo
 points in parallel processes (the first point runs alone first, so the data set is generated
 once). Writes experiments/results/sweep_<name>.csv, .md and _pareto.png (hard accuracy vs LLM
 GFLOPs per sample, Pareto front marked).
+
+On a cluster (`--engine`, the `sweep` extra), every point is the same `run_fit` with the same DONE
+marker, run where the engine puts it; the nodes must see this checkout (outputs/, data/) at the
+same path, a shared filesystem:
+
+    python experiments/sweep.py GRID --engine ray [--ray-address auto] [--cpus-per-point 4] [--gpus-per-point 1]
+    python experiments/sweep.py GRID --engine submitit --submitit timeout_min=240 slurm_partition=gpu gpus_per_node=1
+
+Ray: one task per point on an existing cluster (`ray start --head` there; `--ray-address auto`)
+or, without an address, on a Ray instance started on this machine with `--jobs` CPUs. submitit:
+one SLURM job per point (logs under outputs/sweeps/<name>/submitit; without SLURM, submitit's
+local executor); `--submitit KEY=VALUE` sets its parameters (timeout_min, gpus_per_node,
+cpus_per_task, mem_gb, slurm_partition, slurm_account, ...).
 """
 from __future__ import annotations
 
@@ -33,10 +46,11 @@ import csv
 import itertools
 import json
 import sys
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -196,6 +210,68 @@ def write_results(spec: dict, rows: List[dict], out_dir: Path) -> Optional[Path]
     return png
 
 
+ENGINES = ("local", "ray", "submitit")
+
+
+def _fit_point(group_name: str, name: str, args: List[str], workdir: str) -> Tuple[str, int]:
+    """One point's fit where an engine runs it -> (its log folder, the process that ran it)."""
+    return str(run_fit(group_name, name, args, workdir=Path(workdir))), os.getpid()
+
+
+def parse_submitit(pairs: List[str]) -> Dict[str, object]:
+    """['timeout_min=240', 'slurm_partition=gpu'] -> {'timeout_min': 240, 'slurm_partition': 'gpu'}."""
+    params: Dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--submitit {pair!r}: expected KEY=VALUE (for example timeout_min=240)")
+        params[key] = int(value) if value.lstrip("-").isdigit() else value
+    return params
+
+
+def dispatch(engine: str, jobs: List[Tuple[str, str, List[str]]], workdir: Path, parallel: int,
+             opts: argparse.Namespace) -> List[Tuple[str, int]]:
+    """Run the fits `jobs` [(group, point name, fit arguments)] on `engine`, all of them to the end
+    -> [(log folder, process id)] in order. A failed point raises once the others have finished."""
+    calls = [(g, n, a, str(workdir)) for g, n, a in jobs]
+    # where the engine's workers unpickle _fit_point: this checkout importable (experiments.sweep)
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    if engine == "local":
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            return list(pool.map(lambda c: _fit_point(*c), calls))
+    if engine == "ray":
+        import ray
+
+        env = {"env_vars": {"PYTHONPATH": pythonpath}}
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=opts.ray_address, num_cpus=None if opts.ray_address else parallel,
+                     runtime_env=env, include_dashboard=False, log_to_driver=True)
+        try:
+            task = ray.remote(num_cpus=opts.cpus_per_point, num_gpus=opts.gpus_per_point)(_fit_point)
+            return ray.get([task.remote(*c) for c in calls])
+        finally:
+            if started:
+                ray.shutdown()
+    if engine == "submitit":
+        import submitit
+
+        folder = workdir / "outputs" / jobs[0][0] / "submitit" if jobs else workdir
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=opts.submitit_cluster)
+        executor.update_parameters(**parse_submitit(opts.submitit))
+        before = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = pythonpath  # jobs inherit the submitting environment (sbatch --export=ALL)
+        try:
+            submitted = [executor.submit(_fit_point, *c) for c in calls]
+        finally:
+            if before is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = before
+        return [job.result() for job in submitted]
+    raise ValueError(f"--engine {engine!r}: one of {ENGINES}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("grid", type=Path, help="the sweep YAML")
@@ -205,15 +281,33 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "experiments/results", help="results folder")
     ap.add_argument("--workdir", type=Path, default=ROOT,
                     help="where runs write outputs/ and find relative paths (data/, checkpoints/)")
+    ap.add_argument("--engine", choices=ENGINES, default="local",
+                    help="where points run: local processes (default), a Ray cluster, SLURM through submitit")
+    ap.add_argument("--ray-address", default=None,
+                    help="--engine ray: an existing cluster ('auto' or host:port); none: start one here with --jobs CPUs")
+    ap.add_argument("--cpus-per-point", type=float, default=1, help="--engine ray: CPUs each point reserves")
+    ap.add_argument("--gpus-per-point", type=float, default=0, help="--engine ray: GPUs each point reserves")
+    ap.add_argument("--submitit", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="--engine submitit: executor parameters (timeout_min=240 slurm_partition=gpu ...)")
+    ap.add_argument("--submitit-cluster", default=None,
+                    help="--engine submitit: submitit's cluster (default: slurm where sbatch exists, else local)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.cpus_per_point <= 0 or args.gpus_per_point < 0:
+        ap.error("--cpus-per-point must be > 0 and --gpus-per-point >= 0")
+    try:
+        parse_submitit(args.submitit)
+    except ValueError as e:
+        ap.error(str(e))
     spec = load_grid(args.grid)
     points = expand(spec)
     wd = args.workdir
 
-    def fit(p: Point) -> Path:
-        return run_fit(group(spec), p.name, point_args(spec, p), workdir=wd)
+    def fit(todo: List[Point]) -> None:
+        for logdir, pid in dispatch(args.engine, [(group(spec), p.name, point_args(spec, p)) for p in todo], wd,
+                                    args.jobs, args):
+            print(f"finished: {logdir} (process {pid}, engine {args.engine})", flush=True)
 
     if args.dry_run:
         for p in points:
@@ -224,11 +318,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not args.table_only:
         todo = [p for p in points if not (run_logdir(group(spec), p.name, wd) / "DONE").exists()]
         print(f"{len(points)} points, {len(points) - len(todo)} finished earlier, {len(todo)} to run", flush=True)
-        if todo and args.jobs > 1:
-            fit(todo[0])  # generates the data set once, before parallel runs could race on it
+        if len(todo) > 1 and (args.jobs > 1 or args.engine != "local"):
+            fit(todo[:1])  # generates the data set once, before parallel runs could race on it
             todo = todo[1:]
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(fit, todo))
+        if todo:
+            fit(todo)
     rows = [r for p in points for r in point_rows(spec, p, wd)]
     png = write_results(spec, rows, args.out)
     print(f"{len(rows)} result rows -> {args.out}/sweep_{spec['name']}.csv/.md" + (f", {png}" if png else ""))

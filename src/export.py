@@ -15,7 +15,7 @@ import torch
 
 from src.cli import VisorCLI
 from src.data.datamodule import VQADataModule
-from src.lit.checkpoint_io import data_tokenizer, export_checkpoint, exportable_state
+from src.lit.checkpoint_io import data_tokenizer, export_checkpoint, exportable_state, read_lightning_checkpoint
 from src.lit.module import VisorLitModule
 
 
@@ -28,7 +28,7 @@ def main(argv=None) -> dict:
     args, overrides = ap.parse_known_args(argv)  # the rest goes to the LightningCLI (e.g. --data.val_images 100)
     cli = VisorCLI(VisorLitModule, VQADataModule, run=False, save_config_callback=None,
                    args=["--config", args.config, "--trainer.logger", "false", *overrides])
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    ckpt = read_lightning_checkpoint(args.ckpt)
     cli.model.load_state_dict(ckpt["state_dict"])
     lvlm = cli.model.lvlm
     # Validate what ships: round the weights to half precision first.

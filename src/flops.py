@@ -125,18 +125,15 @@ def sample_flops(model, T: int, budget: Optional[int] = None,
     if model.pos_conv is not None:
         proj += 2 * (V if image_hw is not None else V0) * c.d_model * model.pos_conv.conv.kernel_size[0]
     reducer = model.token_reducer
-    kinds = budget_kinds(model.plan, budget)
+    kinds = model.plan.budget_kinds(budget)
     if reducer is None or not reducer.in_llm:
         if reducer is not None:
             proj += reducer.reduction_flops(V0, c.d_model)
         llm = llm_flops(c, kinds, V, T, image_at=image_at)
     else:  # fastv: layers before K see V tokens, K.. the kept ones, plus the ranking at layer K-1
         K = reducer.layer
-        llm = llm_flops(c, kinds, [V] * K + [reducer.n_kept(V)] * (len(kinds) - K), T, image_at=image_at)
+        llm = llm_flops(c, kinds, model.decoder.visual_tokens_per_layer(V), T, image_at=image_at)
         llm += fastv_rank_flops(c, kinds[K - 1], V, T)
     return SampleFlops(vision=crops * vision_flops_per_image(model.vision), projector=proj, llm=llm)
 
 
-def budget_kinds(plan, budget: Optional[int] = None) -> List[str]:
-    """The layer kinds a budget runs (None: the largest budget)."""
-    return plan.budget_kinds(plan.largest_budget if budget is None else budget)

@@ -12,10 +12,11 @@ class Record(L.Callback):
         self.out = Path(out)
 
     def on_train_end(self, trainer, module) -> None:
-        """rank<r>_weights.pt: every trainable-or-not parameter of the LVLM as this rank ends."""
+        """rank<r>_weights.pt: every trainable-or-not parameter of the LVLM as this rank ends (a
+        sharded one gathered whole, which every rank does in the same order)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().clone() for k, v in module.lvlm.state_dict().items()},
-                   self.out / f"rank{trainer.global_rank}_weights.pt")
+        whole = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.lvlm.state_dict().items()}
+        torch.save({k: v.detach().clone() for k, v in whole.items()}, self.out / f"rank{trainer.global_rank}_weights.pt")
 
     def on_validation_end(self, trainer, module) -> None:
         """rank<r>_metrics.json: the logged validation metrics (reduced across ranks) this rank sees."""

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from src.flops import budget_kinds, layer_flops, llm_flops
+from src.flops import layer_flops, llm_flops
 from src.lit.policy_objectives import MovingAverageBaseline, pseudo_labels, reinforce_loss
 from src.models.decoder import Decoder
 from src.models.plan import LayerPlan, PlanError
@@ -61,7 +61,7 @@ def test_batch_flops_are_the_sum_of_per_sample_flops(tiny_decoder_config):
     c = tiny_decoder_config
     plan = LayerPlan(c.n_layers, self_layers=[0, 2], optional_self=[2], cross_layers=[1, 3])
     V, T = 12, 5
-    per_budget = [llm_flops(c, budget_kinds(plan, k), V, T) for k in range(plan.n_budgets)]
+    per_budget = [llm_flops(c, plan.budget_kinds(k), V, T) for k in range(plan.n_budgets)]
     assert per_budget[1] - per_budget[0] == layer_flops(c, "self", V, T) - layer_flops(c, "cross", V, T)
     budgets = [0, 1, 1, 0, 1, 0]
     # the gathered execution runs the self layer on 3 samples and the cross path on 3

@@ -70,3 +70,40 @@ def test_other_decoder_sizes_name_the_config_fields_to_set(tmp_path, tiny_decode
     with pytest.raises(CheckpointMismatch, match=want):
         load_base_checkpoint(model, out, field_prefix="model.lvlm.init_args.decoder.")
     load_base_checkpoint(_model(tiny_decoder_config, LayerPlan(4, all_self=True), pos_conv=False), out)  # same sizes load
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file (what a hostile checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_from_the_command_line_are_not_unpickled(tmp_path):
+    """A .ckpt whose pickle runs code is refused by every reader of user-supplied checkpoints
+    (src.export, the evaluation loader, LightningCLI's --ckpt_path), and the code never runs."""
+    import subprocess
+    import sys
+
+    from src.eval.checkpoints import load_for_eval
+    from src.export import main as export_main
+    from tests.fit_args import ROOT
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "global_step": 0, "payload": _Payload(marker)}, evil)
+    with pytest.raises(ValueError, match="evil.ckpt: refused"):
+        export_main(["--config", str(ROOT / "configs/visor.yaml"), "--ckpt", str(evil), "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="evil.ckpt: refused"):
+        load_for_eval(str(evil), config=str(ROOT / "configs/visor.yaml"))
+    run = subprocess.run([sys.executable, "-m", "src.cli", "validate", "--config", str(ROOT / "configs/visor.yaml"),
+                          "--model.base_checkpoint", str(ROOT / "checkpoints/base"),
+                          "--ckpt_path", str(evil), "--data.root", str(tmp_path / "data"), "--data.val_images", "4",
+                          "--data.train_images", "4", "--data.images_per_shard", "4"],
+                         cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "weights_only" in run.stderr, run.stderr[-2000:]
+    assert not marker.exists()

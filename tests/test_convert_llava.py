@@ -188,3 +188,50 @@ def test_cli_prints_a_summary(llava, tmp_path, capsys):
     assert "missing_image" in text and "skipped 8" in text
     assert sorted(p.name for p in out.glob("val-*.tar")) == ["val-00000.tar", "val-00001.tar"]
     assert main(["--json", str(json_path), "--image-root", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def _png_header(width, height):
+    """A PNG whose header declares width x height and holds no pixel data: what a decompression bomb
+    looks like before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_hostile_image_paths_and_bombs_are_counted_not_read(tmp_path, capsys):
+    """Image paths leaving --image-root (absolute, `..`, a symlink out) are skipped without being
+    read; an image whose header declares more than --max-pixels is skipped before decoding (ours at
+    8000 x 8000, PIL's own limit at 20000 x 20000); each is counted and the good entry still lands."""
+    root, outside = tmp_path / "images", tmp_path / "secret"
+    root.mkdir()
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "x.png")
+    Image.new("RGB", (8, 8)).save(root / "ok.png")
+    (root / "link.png").symlink_to(outside / "x.png")
+    (root / "bomb.png").write_bytes(_png_header(8000, 8000))
+    (root / "huge.png").write_bytes(_png_header(20000, 20000))
+    tried = {"ok.png": None, str(outside / "x.png"): "image_outside_root", "../secret/x.png": "image_outside_root",
+             "link.png": "image_outside_root", "bomb.png": "image_too_large", "huge.png": "image_too_large"}
+    entries = [{"id": i, "image": image, "conversations": _conv("<image>\nq ?", "a")} for i, image in enumerate(tried)]
+    path = tmp_path / "hostile.json"
+    path.write_text(json.dumps(entries))
+    reads = []
+    real_read = convert_llava.read_image
+    convert_llava.read_image = lambda p, *a: reads.append(p) or real_read(p, *a)
+    try:
+        summary = convert(path, root, tmp_path / "out", progress=False)
+    finally:
+        convert_llava.read_image = real_read
+    assert summary["samples"] == 1
+    assert summary["skipped"] == {"image_outside_root": 3, "image_too_large": 2}
+    assert all(p.is_relative_to(root.resolve()) for p in reads)  # nothing outside the root was opened
+    for image, reason in tried.items():
+        print(f"{image!r:>40}: {reason or 'converted'}")
+    # with a higher limit the 8000 x 8000 header is decoded, and its missing pixels make it a bad image
+    summary = convert(path, root, tmp_path / "out2", progress=False, max_pixels=100_000_000)
+    assert summary["skipped"]["image_too_large"] == 1 and summary["skipped"]["bad_image"] == 1

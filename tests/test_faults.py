@@ -12,9 +12,10 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# 20 images, one 6-turn sequence each, batches of 4: 5 batches an epoch, so step 6 is mid-epoch 2
+# 20 images, one 6-turn sequence each, batches of 4: 5 batches an epoch, so step 6 is mid-epoch 2;
+# two loader workers (one shard each), so the resumed stream is the workers' interleaved batches
 DATA = ["--data.train_images", "20", "--data.val_images", "4", "--data.images_per_shard", "10",
-        "--data.num_workers", "0", "--data.batch_size", "4", "--data.val_batch_size", "8"]
+        "--data.num_workers", "2", "--data.batch_size", "4", "--data.val_batch_size", "8"]
 STEPS = 8
 
 

@@ -3,6 +3,8 @@
 Points are real LightningCLI fits of 2 steps on tiny generated data (not `fast_dev_run`: that
 disables the logger, and the runner reads each point's results from its TensorBoard run)."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -82,3 +84,50 @@ def test_two_point_sweep_runs_resumes_and_writes_results(tmp_path, base_export, 
     (tmp_path / "outputs/sweeps/two/c2_late1_pool2_s0/run/DONE").unlink()
     main([str(grid), "--workdir", str(tmp_path), "--out", str(out)])  # only the unfinished point reruns
     assert len(calls) == 3 and "c2_late1_pool2_s0" in " ".join(calls[-1])
+
+
+def _two_point_grid(tmp_path, base_export):
+    grid = _spec(tmp_path, base_export)
+    spec = yaml.safe_load(grid.read_text())
+    spec["grid"]["reduction"] = ["none", "pool2"]
+    grid.write_text(yaml.safe_dump(spec))
+    return grid
+
+
+def _finished(out: str):
+    """The runner's 'finished: <logdir> (process <pid>, engine <e>)' lines -> [(point, pid, engine)]."""
+    import re
+    return [(Path(m[0]).parent.name, int(m[1]), m[2])
+            for m in re.findall(r"finished: (\S+) \(process (\d+), engine (\w+)\)", out)]
+
+
+def test_sweep_on_a_local_ray_cluster_of_two_workers(tmp_path, base_export, capsys):
+    """--engine ray on a Ray instance of 2 CPUs (one CPU a point): each point a Ray task in a worker
+    process, with the same DONE markers (a rerun dispatches nothing) and the same results table."""
+    import os
+    grid, out = _two_point_grid(tmp_path, base_export), tmp_path / "results"
+    argv = [str(grid), "--workdir", str(tmp_path), "--out", str(out), "--engine", "ray", "--jobs", "2"]
+    main(argv)
+    ran = _finished(capsys.readouterr().out)
+    assert sorted(p for p, _, _ in ran) == ["c2_late1_none_s0", "c2_late1_pool2_s0"]
+    assert all(engine == "ray" and pid != os.getpid() for _, pid, engine in ran)
+    assert all((tmp_path / f"outputs/sweeps/two/{p}/run/DONE").exists() for p, _, _ in ran)
+    assert len((out / "sweep_two.csv").read_text().strip().splitlines()) == 1 + 2 * 2
+    main(argv)
+    assert _finished(capsys.readouterr().out) == []  # resumed: both points finished earlier
+
+
+def test_sweep_through_submitit(tmp_path, base_export, capsys):
+    """--engine submitit with submitit's local executor (what it uses without SLURM): one job per
+    point, its logs under outputs/sweeps/<name>/submitit, the same results."""
+    import os
+    grid, out = _two_point_grid(tmp_path, base_export), tmp_path / "results"
+    main([str(grid), "--workdir", str(tmp_path), "--out", str(out), "--engine", "submitit",
+          "--submitit-cluster", "local", "--submitit", "timeout_min=20"])
+    ran = _finished(capsys.readouterr().out)
+    assert len(ran) == 2 and all(engine == "submitit" and pid != os.getpid() for _, pid, engine in ran)
+    assert any((tmp_path / "outputs/sweeps/two/submitit").glob("*_log.out"))
+    assert len((out / "sweep_two.csv").read_text().strip().splitlines()) == 1 + 2 * 2
+    with pytest.raises(SystemExit):
+        main([str(grid), "--engine", "submitit", "--submitit", "timeout_min"])  # not KEY=VALUE
+    assert "expected KEY=VALUE" in capsys.readouterr().err

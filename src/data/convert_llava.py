@@ -2,7 +2,7 @@
 
     python -m src.data.convert_llava --json llava_v1_5_mix665k.json --image-root data/llava/images \\
         --out data/llava [--images-per-shard 1000] [--task llava] [--difficulty easy] [--split train]
-        [--workers 8] [--max-shards N]
+        [--workers 8] [--max-shards N] [--max-pixels 50000000]
 
 Input: a JSON list of entries `{"id", "image": path relative to --image-root, "conversations":
 [{"from": "human", "value": "<image>\\nQuestion"}, {"from": "gpt", "value": "Answer"}, ...]}`.
@@ -13,7 +13,8 @@ Output: `<out>/<split>-%05d.tar` in the format `src.data.shards` reads: per entr
 that order), the `<image>` placeholder removed from the questions. Keys are `<split>` + the
 entry's index in the JSON list (zero-padded), so the output order is the input order.
 
-Skipped entries are counted by reason (SKIP_REASONS) and summed up at the end. A conversation
+Skipped entries are counted by reason (SKIP_REASONS) and summed up at the end; an entry's image
+path may not leave --image-root, and an image larger than --max-pixels is refused before decoding. A conversation
 with one malformed turn is skipped whole: dropping a turn would break the turns that refer to it.
 
 Resuming: each shard is written to `<name>.tmp` and renamed when complete, then recorded in
@@ -58,9 +59,13 @@ SKIP_REASONS = {
     "empty_answer": "an empty answer",
     "missing_image": "the image file does not exist or cannot be read",
     "bad_image": "the image file does not decode",
+    "image_outside_root": "an `image` path that leaves --image-root (absolute, `..`, a symlink out)",
+    "image_too_large": "more pixels than --max-pixels, by its header (a decompression bomb is refused undecoded)",
 }
 OPTIONS = {"json_sha256": "--json (sha256 of its content)", "image_root": "--image-root",
-           "images_per_shard": "--images-per-shard", "task": "--task", "difficulty": "--difficulty"}
+           "images_per_shard": "--images-per-shard", "task": "--task", "difficulty": "--difficulty",
+           "max_pixels": "--max-pixels"}
+MAX_PIXELS = 50_000_000  # LLaVA-OneVision's largest AnyRes grid (2304 x 2304) is 5.3 M
 _IMAGE_TAG = re.compile(r"\s*<image>\s*")
 
 
@@ -97,27 +102,42 @@ def conversation_pairs(conversation: object) -> Tuple[List[Tuple[str, str]], Opt
     return pairs, None
 
 
-def read_image(path: Path) -> Tuple[Optional[Tuple[str, bytes]], Optional[str]]:
+def image_path(image_root: Path, image: str) -> Optional[Path]:
+    """The file an entry's `image` names under image_root, or None when it would leave the root
+    (an absolute path, `..`, a symlink pointing out): the JSON is data, not a list of files to read."""
+    root = image_root.resolve()
+    if Path(image).is_absolute():
+        return None
+    path = (root / image).resolve()  # follows symlinks
+    return path if path.is_relative_to(root) else None
+
+
+def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> Tuple[Optional[Tuple[str, bytes]], Optional[str]]:
     """-> ((extension, bytes), None) for an image that fully decodes, else (None, skip reason).
-    JPEG and PNG keep their bytes; other formats are re-encoded as PNG."""
+    JPEG and PNG keep their bytes; other formats are re-encoded as PNG. The size in the header is
+    checked before decoding: an image of more than `max_pixels` is refused undecoded."""
     try:
         data = path.read_bytes()
     except OSError:
         return None, "missing_image"
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                return None, "image_too_large"
             im.load()  # decode everything: a truncated file fails here, not in training
             if im.format in ("JPEG", "PNG"):
                 return ("jpg" if im.format == "JPEG" else "png", data), None
             buf = io.BytesIO()
             im.convert("RGB").save(buf, format="PNG")
             return ("png", buf.getvalue()), None
+    except Image.DecompressionBombError:  # PIL's own limit, should it be below max_pixels
+        return None, "image_too_large"
     except Exception:  # PIL raises many types for corrupt data
         return None, "bad_image"
 
 
 def prepare_entry(index: int, entry: object, image_root: Path, task: str, difficulty: str,
-                  split: str) -> Tuple[Optional[dict], Optional[str]]:
+                  split: str, max_pixels: int = MAX_PIXELS) -> Tuple[Optional[dict], Optional[str]]:
     """One LLaVA entry -> (webdataset sample, None) or (None, skip reason)."""
     if not isinstance(entry, dict):
         return None, "bad_entry"
@@ -131,7 +151,10 @@ def prepare_entry(index: int, entry: object, image_root: Path, task: str, diffic
     pairs, reason = conversation_pairs(entry.get("conversations"))
     if reason is not None:
         return None, reason
-    encoded, reason = read_image(image_root / image)
+    path = image_path(image_root, image)
+    if path is None:
+        return None, "image_outside_root"
+    encoded, reason = read_image(path, max_pixels)
     if encoded is None:
         return None, reason
     ext, data = encoded
@@ -208,7 +231,7 @@ def summarize(manifest: dict, n_entries: int) -> dict:
 
 def convert(json_path: str | Path, image_root: str | Path, out: str | Path, images_per_shard: int = 1000,
             task: str = "llava", difficulty: str = "easy", split: str = "train", workers: int = 0,
-            max_shards: Optional[int] = None, progress: bool = True) -> dict:
+            max_shards: Optional[int] = None, progress: bool = True, max_pixels: int = MAX_PIXELS) -> dict:
     """Convert (or continue converting) `json_path` into `out/<split>-%05d.tar`; returns the summary
     (`summarize`). `max_shards` stops after writing that many shards in this call (the rest
     follows on a rerun)."""
@@ -224,6 +247,8 @@ def convert(json_path: str | Path, image_root: str | Path, out: str | Path, imag
         raise ValueError(f"--workers must be >= 0, got {workers}")
     if max_shards is not None and max_shards < 1:
         raise ValueError(f"--max-shards must be >= 1, got {max_shards}")
+    if max_pixels < 1:
+        raise ValueError(f"--max-pixels must be >= 1, got {max_pixels}")
     json_path, image_root, out = Path(json_path), Path(image_root), Path(out)
     if not json_path.is_file():
         raise FileNotFoundError(f"--json {json_path} does not exist")
@@ -234,7 +259,8 @@ def convert(json_path: str | Path, image_root: str | Path, out: str | Path, imag
     if not isinstance(entries, list):
         raise ValueError(f"--json {json_path} holds a {type(entries).__name__}, not a list of entries")
     settings = {"json_sha256": hashlib.sha256(raw).hexdigest(), "image_root": str(image_root.resolve()),
-                "images_per_shard": images_per_shard, "task": task, "difficulty": difficulty}
+                "images_per_shard": images_per_shard, "task": task, "difficulty": difficulty,
+                "max_pixels": max_pixels}
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / f"{split}.manifest.json"
     manifest = _load_manifest(manifest_path, out, split, settings)
@@ -268,7 +294,7 @@ def convert(json_path: str | Path, image_root: str | Path, out: str | Path, imag
     stopped = False
     with bar:
         for index, sample, reason in _prepared(entries, start, workers, image_root=image_root, task=task,
-                                               difficulty=difficulty, split=split):
+                                               difficulty=difficulty, split=split, max_pixels=max_pixels):
             bar.update(1)
             if sample is None:
                 skipped[reason] += 1
@@ -312,12 +338,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--split", default="train", help="shard name prefix; the datamodule reads train-* and val-*")
     p.add_argument("--workers", type=int, default=0, help="threads reading and checking images (0: none)")
     p.add_argument("--max-shards", type=int, default=None, help="stop after writing this many shards")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="images with more pixels (by their header) are skipped undecoded")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         summary = convert(a.json, a.image_root, a.out, a.images_per_shard, a.task, a.difficulty, a.split,
-                          a.workers, a.max_shards, progress=not a.no_progress)
+                          a.workers, a.max_shards, progress=not a.no_progress, max_pixels=a.max_pixels)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -75,7 +75,9 @@ def load_for_eval(checkpoint: str, config: Optional[str] = None, tokenizer: Opti
     configs = _configs(path, manifest, config)
     module, dm = _instantiate(configs, path)
     if path.suffix == ".ckpt":
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        from src.lit.checkpoint_io import read_lightning_checkpoint
+
+        state = read_lightning_checkpoint(path)["state_dict"]
         module.load_state_dict(state)
     else:
         from src.lit.checkpoint_io import load_base_checkpoint

@@ -257,9 +257,9 @@ def _budget_mode(budget, lvlm):
     """`budget` model arg -> an index, or a router mode ('policy' | 'target')."""
     plan = lvlm.plan
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        if not (float(budget).is_integer() and 0 <= int(budget) < plan.n_budgets):
-            raise ValueError(f"visor: budget={budget} is not a budget index in [0, {plan.n_budgets})")
-        return int(budget)
+        if not float(budget).is_integer():
+            raise ValueError(f"visor: budget={budget} is not a budget index")
+        return plan.budget_index(int(budget), "visor: budget")
     if budget == "max":
         return plan.largest_budget
     if budget == "min":

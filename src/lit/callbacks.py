@@ -7,6 +7,7 @@ from typing import Optional
 import lightning as L
 
 from src.lit.checkpoint_io import data_tokenizer, export_checkpoint, fit_manifest
+from src.lit.distributed import whole_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +20,9 @@ class ExportCheckpoint(L.Callback):
         self.dirpath, self.config_path = dirpath, config_path
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = whole_state_dict(pl_module.lvlm)  # on every rank: gathering a sharded model is collective
         if not trainer.is_global_zero:
             return
         manifest = {**fit_manifest(trainer, self.config_path), "module": dict(pl_module.hparams)}
-        out = export_checkpoint(pl_module.lvlm, self.dirpath, manifest, data_tokenizer(trainer.datamodule))
+        out = export_checkpoint(pl_module.lvlm, self.dirpath, manifest, data_tokenizer(trainer.datamodule), state)
         log.info("exported base checkpoint to %s (val/acc=%s)", out, manifest["validation"].get("val/acc"))

@@ -3,6 +3,7 @@ into a (possibly VISOR-converted) LVLM with an explicit account of every tensor.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,11 +24,23 @@ def _tied_alias(model: VisorLVLM) -> Optional[str]:
     return "decoder.lm_head.weight" if model.decoder.config.tie_embeddings else None
 
 
-def exportable_state(model: VisorLVLM, dtype: torch.dtype = torch.float16) -> Dict[str, torch.Tensor]:
-    """The state dict to ship: tied aliases dropped, floating tensors cast to `dtype`."""
+def read_lightning_checkpoint(path: str | Path) -> dict:
+    """A Lightning .ckpt read without unpickling arbitrary objects (torch.load(weights_only=True):
+    tensors and plain containers only); a file that needs more is refused, naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused: it holds objects other than tensors and plain containers, which "
+                         f"are not unpickled from a file given on the command line ({str(e).splitlines()[0]})") from e
+
+
+def exportable_state(model: VisorLVLM, dtype: torch.dtype = torch.float16,
+                     state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """The state dict to ship (`state`, default the model's own): tied aliases dropped, floating
+    tensors cast to `dtype`."""
     alias = _tied_alias(model)
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in (model.state_dict() if state is None else state).items():
         if k == alias:
             continue
         out[k] = (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
@@ -81,12 +94,13 @@ def fit_manifest(trainer, config_path: Optional[str]) -> dict:
 
 
 def export_checkpoint(model: VisorLVLM, out_dir: str | Path, manifest: dict,
-                      tokenizer: Optional[str | Path] = None) -> Path:
+                      tokenizer: Optional[str | Path] = None, state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     """model.safetensors (half precision) + manifest.json (+ the data's tokenizer.json, copied, so the
-    export answers questions on its own: src/eval/checkpoints.py) -> out_dir."""
+    export answers questions on its own: src/eval/checkpoints.py) -> out_dir. state: the model's
+    state dict when it is not `model.state_dict()` (a sharded model's, gathered whole)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(exportable_state(model), str(out_dir / "model.safetensors"))
+    save_file(exportable_state(model, state=state), str(out_dir / "model.safetensors"))
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
     manifest = {"architecture": architecture(model), "commit": git_commit(), **manifest}

@@ -28,7 +28,7 @@ from src.data.generator import TASKS
 from src.flops import sample_flops
 from src.lit.batch import answer_logits, image_at, image_sizes
 from src.lit.checkpoint_io import load_base_checkpoint
-from src.lit.distributed import is_distributed, prepare_ddp
+from src.lit.distributed import hold_gathered, is_distributed, prepare_ddp, shard_for_strategy
 from src.lit.frozen import hold_eval
 from src.lit.predict import log_cache_report, prediction_rows, split_prompt
 from src.metrics import GroupedAccuracy, MeanFlops, accuracy_logs, exact_match
@@ -82,15 +82,13 @@ class VisorLitModule(L.LightningModule):
         super().__init__()
         n_budgets = lvlm.plan.n_budgets
         if isinstance(budget_sampling, int):
-            if not 0 <= budget_sampling < n_budgets:
-                raise ValueError(f"model.budget_sampling: budget {budget_sampling} out of range [0, {n_budgets})")
+            lvlm.plan.budget_index(budget_sampling, "model.budget_sampling")
         elif budget_sampling not in BUDGET_SAMPLING:
             raise ValueError(f"model.budget_sampling must be one of {BUDGET_SAMPLING} or a budget index, "
                              f"got {budget_sampling!r}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
-        if predict_budget is not None and not 0 <= predict_budget < n_budgets:
-            raise ValueError(f"model.predict_budget: budget {predict_budget} out of range [0, {n_budgets})")
+        lvlm.plan.budget_index(predict_budget, "model.predict_budget")
         if max_new_tokens < 1:
             raise ValueError(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
         if not 0 <= min_lr_ratio <= 1:
@@ -156,6 +154,9 @@ class VisorLitModule(L.LightningModule):
         prepare_ddp(self.trainer, skips_layers=self.lvlm.plan.n_budgets > 1)
         if stage == "fit":
             self._set_stage()  # before Lightning's model summary, so it counts this phase's trainable parameters
+
+    def configure_model(self) -> None:
+        shard_for_strategy(self.lvlm, self.trainer)  # sharded training only (configs/strategy/fsdp.yaml)
 
     def _set_stage(self) -> None:
         """Stage 1 (new parameters only) for the first `new_params_only_steps` steps, then stage 2."""
@@ -255,7 +256,11 @@ class VisorLitModule(L.LightningModule):
             self.val_budget_task_acc[j].update(correct_k, batch["task"])
             self.val_budget_flops[j].update([sample_flops(self.lvlm, t, k, hw, at) for t, hw in zip(lengths, sizes)])
 
+    def on_validation_epoch_start(self) -> None:
+        hold_gathered(self.lvlm, True)
+
     def on_validation_epoch_end(self) -> None:
+        hold_gathered(self.lvlm, False)
         tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
         self.log_dict(accuracy_logs(tasks, difficulty))
         means = self.val_flops.compute()
@@ -318,14 +323,17 @@ class VisorLitModule(L.LightningModule):
     def on_predict_epoch_start(self) -> None:
         self._predict_seen = Counter()
         log_cache_report(self.lvlm)
+        hold_gathered(self.lvlm, True)
+
+    def on_predict_epoch_end(self) -> None:
+        hold_gathered(self.lvlm, False)
 
     def predict_step(self, batch: dict, batch_idx: int) -> List[dict]:
         """Cached greedy answers to the batch's questions (the prompt only; see src/lit/predict.py)
         at `predict_budget` -> one JSON-ready row per sample (the JsonlPredictionWriter writes them)."""
         prompt, lens = split_prompt(batch, self.pad_id)
-        budget = self.hparams.predict_budget
         out = generate(self.lvlm, batch["images"], prompt, lens, self.hparams.max_new_tokens,
-                       budget=self.lvlm.plan.largest_budget if budget is None else budget,
+                       budget=self.hparams.predict_budget,
                        eos_id=getattr(self.tokenizer, "eos_id", None), pad_id=self.pad_id, image_at=image_at(batch))
         return prediction_rows(self.lvlm, batch, prompt, lens, out, self.tokenizer, self._predict_seen)
 

@@ -28,7 +28,7 @@ from src.data.generator import TASKS
 from src.flops import sample_flops
 from src.lit.batch import answer_logits, image_at, image_sizes, query_index
 from src.lit.checkpoint_io import load_base_checkpoint
-from src.lit.distributed import gather_lists, prepare_ddp
+from src.lit.distributed import gather_lists, is_sharded, prepare_ddp
 from src.lit.frozen import hold_eval
 from src.lit.predict import log_cache_report, prediction_rows, split_prompt
 from src.lit.policy_objectives import MovingAverageBaseline, pseudo_labels, reinforce_loss
@@ -130,6 +130,9 @@ class PolicyLitModule(L.LightningModule):
         tok = getattr(dm, "tokenizer", None)
         self.pad_id = tok.pad_id if tok is not None else 0
         self.tokenizer = tok
+        if is_sharded(self.trainer):
+            raise ValueError("trainer.strategy: the policy stage trains only the router, which sharding does not "
+                             "help; use configs/strategy/ddp.yaml")
         prepare_ddp(self.trainer, skips_layers=False)  # only the router trains, and it runs for every sample
         if stage == "fit" and self.hparams.universal_checkpoint is None and self.trainer.ckpt_path is None:
             raise ValueError("model.init_args.universal_checkpoint is null: the router would learn over an untrained "

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 import torch
 from torch import nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from src.models.cross_attention import CrossAttention
 from src.models.norm import RMSNorm
@@ -156,10 +157,19 @@ class DecoderLayer(nn.Module):
         self.attn = SelfAttention(c)
         self.post_attn_norm = RMSNorm(c.d_model, c.norm_eps)
         self.mlp = SwiGLU(c)
+        # Activation checkpointing (set by src.lit.distributed.shard_lvlm): training keeps only the
+        # layer's input and recomputes the rest in backward.
+        self.checkpointed = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[RowCache] = None,
                 slots: Optional[torch.Tensor] = None, key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, S, d) -> (B, S, d); cache/slots/key_valid: see SelfAttention."""
+        if self.checkpointed and cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, None, slots, key_valid,
+                                                     use_reentrant=False)
+        return self._forward(x, cos, sin, cache, slots, key_valid)
+
+    def _forward(self, x, cos, sin, cache, slots, key_valid) -> torch.Tensor:
         x = x + self.attn(self.input_norm(x), cos, sin, cache, slots, key_valid)
         return x + self.mlp(self.post_attn_norm(x))
 
@@ -209,11 +219,7 @@ class Decoder(nn.Module):
                                     rope=cross_rope)
              for i in plan.cross_sublayers}
         )
-        # (n_budgets, n_layers) bool: is layer i's optional self path on under budget k.
-        member = torch.zeros(plan.n_budgets, plan.n_layers, dtype=torch.bool)
-        for k, budget in enumerate(plan.budgets):
-            member[k, budget] = True
-        self.register_buffer("budget_members", member, persistent=False)
+        self.register_buffer("budget_members", plan.members(), persistent=False)  # (n_budgets, n_layers) bool
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -221,6 +227,11 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.cross_init = cross_init
         self.init_cross_from_host()
+        # Sharded training (FSDP) all-gathers a layer's weights each time the layer is entered, so
+        # every rank must enter it as often as the others whatever its samples' budgets: with
+        # per-sample budgets an optional self layer then always runs as two row groups, one of them
+        # possibly empty. Set by src.lit.distributed.shard_lvlm.
+        self.same_calls_on_every_rank = False
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -354,13 +365,14 @@ class Decoder(nn.Module):
             query_index = torch.full((B,), T - 1, dtype=torch.long, device=text.device)
         assert query_index.shape == (B,), f"query_index must be (B,) = ({B},), got {tuple(query_index.shape)}"
         active = None if decoding else self._active(budget, B, text.device)  # (B, n_layers) bool
+        per_sample = isinstance(budget, torch.Tensor)
         cos, sin = self.rope(positions, text.dtype)
         for i in range(start, end):
             if decoding:
                 caches = cache.layers[i]
                 groups = [(rc.kind, rc.rows) for rc in caches]
             else:
-                groups = self._groups(i, active)
+                groups = self._groups(i, active, per_sample)
                 caches = None if cache is None else [self._new_row_cache(kind, rows, visual, cache) for kind, rows in groups]
             scores = None
             if self.fastv is not None and i == self.fastv.layer - 1 and not decoding:
@@ -414,36 +426,28 @@ class Decoder(nn.Module):
             scores = torch.where(self_on[:, None], scores, logits.float().softmax(-1)[:, :, 0].mean(1))
         return scores
 
-    def resolve_budgets(self, budget: Optional[Union[int, torch.Tensor]], B: int, device: torch.device) -> torch.Tensor:
-        """None (the largest) / a budget index / (B,) indices -> (B,) int64 budget indices, validated."""
-        n = self.plan.n_budgets
-        if budget is None or isinstance(budget, int):
-            return torch.full((B,), self._one_budget(budget), dtype=torch.long, device=device)
-        if not (isinstance(budget, torch.Tensor) and budget.shape == (B,) and not budget.is_floating_point()):
-            raise ValueError(f"budget must be None, an int or a (B,) = ({B},) integer tensor; got {budget!r}")
-        if not torch.compiler.is_compiling() and bool(((budget < 0) | (budget >= n)).any()):
-            raise IndexError(f"budget values {budget.tolist()} out of range [0, {n})")
-        return budget.to(device=device, dtype=torch.long)
-
-    def _one_budget(self, budget: Optional[int]) -> int:
-        """None (the largest) or one budget index for the whole batch -> that index, validated."""
-        budget = self.plan.largest_budget if budget is None else budget
-        if not 0 <= budget < self.plan.n_budgets:
-            raise IndexError(f"budget {budget} out of range [0, {self.plan.n_budgets})")
-        return budget
-
     def _active(self, budget, B: int, device: torch.device) -> torch.Tensor:
         """(B, n_layers) bool: optional self layers on per sample (budget None: the largest)."""
         if budget is None or isinstance(budget, int):  # one budget for all: a broadcast row, no gather
-            return self.budget_members[self._one_budget(budget)].to(device).expand(B, -1)
-        return self.budget_members.to(device)[self.resolve_budgets(budget, B, device)]
+            return self.budget_members[self.plan.budget_index(budget)].to(device).expand(B, -1)
+        return self.budget_members.to(device)[self.plan.resolve(budget, B, device)]
 
-    def _groups(self, i: int, active: torch.Tensor) -> List[Tuple[str, Optional[torch.Tensor]]]:
-        """Layer i's row groups [(kind, rows (B_g,) int64 or None for every sample)]; active (B, n_layers)."""
+    def visual_tokens_per_layer(self, V: int) -> List[int]:
+        """Visual tokens each layer sees for an image of V: V, fewer from FastV's layer on."""
+        n = self.config.n_layers
+        if self.fastv is None:
+            return [V] * n
+        return [V] * self.fastv.layer + [self.fastv.n_kept(V)] * (n - self.fastv.layer)
+
+    def _groups(self, i: int, active: torch.Tensor, per_sample: bool) -> List[Tuple[str, Optional[torch.Tensor]]]:
+        """Layer i's row groups [(kind, rows (B_g,) int64 or None for every sample)]; active (B, n_layers);
+        per_sample: the budgets were given per sample (see `same_calls_on_every_rank`)."""
         kind = self.plan.kinds[i]
         if kind != "self" or i not in self.plan.optional_self:
             return [(kind, None)]
         on = active[:, i]
+        if per_sample and self.same_calls_on_every_rank:
+            return [("self", on.nonzero().squeeze(1)), (self.plan.skip_kind, (~on).nonzero().squeeze(1))]
         n_on = int(on.sum())
         if n_on == on.shape[0]:
             return [("self", None)]
@@ -469,16 +473,17 @@ class Decoder(nn.Module):
         v_flat, t_flat = visual.reshape(B, V * d), text.reshape(B, T * d)
         v_out, t_out = v_flat, t_flat
         for g, (kind, idx) in enumerate(groups):
-            v_g = gather_rows(v_flat, idx).view(-1, V, d) if V else visual[: idx.numel()]
-            t_g = gather_rows(t_flat, idx).view(-1, T, d)
+            n = idx.numel()  # may be 0 (see `same_calls_on_every_rank`)
+            v_g = gather_rows(v_flat, idx).view(n, V, d) if V else visual[:n]
+            t_g = gather_rows(t_flat, idx).view(n, T, d)
             cos_g, sin_g = (cos, sin) if cos.shape[0] == 1 else (cos[idx], sin[idx])  # per-sample RoPE follows its rows
             v_new, t_new = self._layer(i, kind, v_g, t_g, cos_g, sin_g,
                                        None if visual_kv_lens is None else visual_kv_lens[idx],
                                        None if caches is None else caches[g], None if slots is None else slots[idx],
                                        image_at)
             if kind == "self" and V:
-                v_out = scatter_add_rows(v_out, idx, (v_new - v_g).reshape(-1, V * d))
-            t_out = scatter_add_rows(t_out, idx, (t_new - t_g).reshape(-1, T * d))
+                v_out = scatter_add_rows(v_out, idx, (v_new - v_g).reshape(n, V * d))
+            t_out = scatter_add_rows(t_out, idx, (t_new - t_g).reshape(n, T * d))
         return v_out.view(B, V, d), t_out.view(B, T, d)
 
     def _layer(self, i: int, kind: str, visual, text, cos, sin, visual_kv_lens, rc: Optional[RowCache] = None,

@@ -70,7 +70,6 @@ def prefill(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: to
     image_at: the prompt tokens before the image (a chat template's; each prompt is longer).
     -> (logits of each sample's next token (B, vocab), cache, budgets (B,), router logits (B, K) or None).
     """
-    dec = lvlm.decoder
     B, P = input_ids.shape
     device = input_ids.device
     assert prompt_lens.shape == (B,), f"prompt_lens must be (B,) = ({B},), got {tuple(prompt_lens.shape)}"
@@ -90,7 +89,7 @@ def prefill(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: to
     elif callable(budget):
         choose = budget
     else:
-        budget = dec.resolve_budgets(budget, B, device)
+        budget = lvlm.plan.resolve(budget, B, device)
     if choose is not None and prompt_mask is None:
         prompt_mask = torch.arange(P, device=device)[None, :] < prompt_lens[:, None]
     cache = KVCache(None, prompt_lens.clone(), capacity)  # text_start and visual_lens: set from the images
@@ -99,7 +98,7 @@ def prefill(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: to
                                                        cache, image_at)
     last = torch.zeros(B, P, dtype=torch.bool, device=device)
     last[torch.arange(B, device=device), query_index] = True
-    return lvlm.logits(hidden, last), cache, dec.resolve_budgets(budget, B, device), router_logits
+    return lvlm.logits(hidden, last), cache, lvlm.plan.resolve(budget, B, device), router_logits
 
 
 @torch.no_grad()
@@ -186,16 +185,6 @@ def generate(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: O
 # ---------------------------------------------------------------------------------------------
 
 
-def _visual_per_layer(lvlm, n_visual: Optional[int] = None) -> List[int]:
-    """Visual tokens each layer sees (fewer from layer K on after a fastv drop); n_visual: the image's
-    own count (an AnyRes image's `anyres.num_tokens(h, w)`; None: one crop's)."""
-    V, n = lvlm.num_visual_tokens if n_visual is None else n_visual, lvlm.plan.n_layers
-    fastv = lvlm.decoder.fastv
-    if fastv is None:
-        return [V] * n
-    return [V] * fastv.layer + [fastv.n_kept(V)] * (n - fastv.layer)
-
-
 def visual_kv_bytes(lvlm, budget: Union[None, int, torch.Tensor] = None, batch_size: int = 1,
                     dtype: Optional[torch.dtype] = None, all_self: bool = False,
                     n_visual: Optional[int] = None) -> int:
@@ -207,12 +196,11 @@ def visual_kv_bytes(lvlm, budget: Union[None, int, torch.Tensor] = None, batch_s
     c, plan = lvlm.decoder.config, lvlm.plan
     dtype = dtype or lvlm.decoder.embed_tokens.weight.dtype
     per_token = 2 * c.n_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
-    counts = _visual_per_layer(lvlm, n_visual)
+    counts = lvlm.decoder.visual_tokens_per_layer(lvlm.num_visual_tokens if n_visual is None else n_visual)
     if isinstance(budget, torch.Tensor):
         assert budget.dim() == 1, f"budget must be an int or (B,) indices, got {tuple(budget.shape)}"
         return sum(visual_kv_bytes(lvlm, int(k), 1, dtype, all_self, n_visual) for k in budget.tolist())
-    kinds = ["self"] * plan.n_layers if all_self else plan.budget_kinds(
-        plan.largest_budget if budget is None else budget)
+    kinds = ["self"] * plan.n_layers if all_self else plan.budget_kinds(budget)
     return batch_size * per_token * sum(v for v, kind in zip(counts, kinds) if kind in ("self", "cross"))
 
 

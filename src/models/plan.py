@@ -25,13 +25,20 @@ active layers (ties: the first listed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
+
+import torch
 
 KINDS = ("text", "cross", "self")
 
 
 class PlanError(ValueError):
     """A malformed layer plan; the message names the offending field."""
+
+
+class BudgetError(IndexError, ValueError):
+    """A budget index out of range: an IndexError where a budget indexes the plan, a ValueError where
+    a config field names one (the message names the field)."""
 
 
 @dataclass
@@ -127,6 +134,33 @@ class LayerPlan:
         sizes = [len(b) for b in self.budgets]
         return sizes.index(min(sizes))
 
+    def budget_index(self, budget: Optional[int] = None, field: str = "") -> int:
+        """None (the largest budget) or a budget index -> the index, range-checked; the one place a
+        budget's default and range are decided. field: the config field named in the error."""
+        if budget is None:
+            return self.largest_budget
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget < self.n_budgets:
+            raise BudgetError(f"{field + ': ' if field else ''}budget {budget!r} out of range [0, {self.n_budgets})")
+        return budget
+
+    def resolve(self, budget: Union[None, int, torch.Tensor], batch: int,
+                device: Optional[torch.device] = None) -> torch.Tensor:
+        """None (the largest) / one index / (B,) integer indices -> (B,) int64 budget indices, validated."""
+        if budget is None or isinstance(budget, int):
+            return torch.full((batch,), self.budget_index(budget), dtype=torch.long, device=device)
+        if not (isinstance(budget, torch.Tensor) and budget.shape == (batch,) and not budget.is_floating_point()):
+            raise ValueError(f"budget must be None, an int or a (B,) = ({batch},) integer tensor; got {budget!r}")
+        if not torch.compiler.is_compiling() and bool(((budget < 0) | (budget >= self.n_budgets)).any()):
+            raise BudgetError(f"budget values {budget.tolist()} out of range [0, {self.n_budgets})")
+        return budget.to(device=device, dtype=torch.long)
+
+    def members(self) -> torch.Tensor:
+        """(n_budgets, n_layers) bool: is layer i's optional self path on under budget k."""
+        member = torch.zeros(self.n_budgets, self.n_layers, dtype=torch.bool)
+        for k, budget in enumerate(self.budgets):
+            member[k, budget] = True
+        return member
+
     @property
     def first_optional(self) -> Optional[int]:
         """Index of the first optional self layer (where the budget policy sits), or None."""
@@ -138,17 +172,17 @@ class LayerPlan:
         extra = self.optional_self if self.skip_kind == "cross" else []
         return sorted(set(self.cross_layers) | set(extra))
 
-    def budget_kinds(self, budget: int) -> List[str]:
-        """Every layer's kind when budget `budget` runs (skipped optional layers take `skip_kind`)."""
-        if not 0 <= budget < self.n_budgets:
-            raise IndexError(f"budget {budget} out of range [0, {self.n_budgets})")
+    def budget_kinds(self, budget: Optional[int] = None) -> List[str]:
+        """Every layer's kind when budget `budget` (None: the largest) runs (skipped optional layers
+        take `skip_kind`)."""
+        budget = self.budget_index(budget)
         kinds = self.kinds
         for i in self.optional_self:
             if i not in self.budgets[budget]:
                 kinds[i] = self.skip_kind
         return kinds
 
-    def budget_name(self, budget: int) -> str:
+    def budget_name(self, budget: Optional[int] = None) -> str:
         return "".join(k[0].upper() for k in self.budget_kinds(budget))
 
     @property
