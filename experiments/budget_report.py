@@ -5,7 +5,8 @@
 Rows (each a LightningCLI fit under outputs/budgets/<row>, resumable):
 - universal: configs/visor.yaml + configs/universal.yaml (one random budget per step), every
   budget evaluated; universal_sandwich: largest + smallest + random budget per step, 300 steps
-  (the same forward/backward passes as universal's 900);
+  (the same forward/backward passes as universal's 900); universal_sandwich_distill: the same
+  with in-place distillation (the smaller budgets learn the largest one's answer distribution);
 - fixed<k>: the same recipe trained only at budget k (model.budget_sampling: k);
 - policy_reinforce / policy_pseudo: configs/policy.yaml on the universal export;
   policy_reinforce_cw<w>: REINFORCE with cost weight w instead of the config's 0.3;
@@ -49,6 +50,9 @@ def rows() -> dict:
         "--model.budget_sampling", "sandwich", "--trainer.max_steps", "300", "--model.new_params_only_steps", "67",
         "--model.warmup_steps", "33", "--trainer.val_check_interval", "150",
         "--trainer.callbacks.dirpath", f"outputs/{GROUP}/universal_sandwich_export"]
+    # the same with in-place distillation: the largest budget's answers teach the smaller ones
+    out["universal_sandwich_distill"] = out["universal_sandwich"][:-1] + [
+        f"outputs/{GROUP}/universal_sandwich_distill_export", "--model.distill_weight", "1.0"]
     for mode, name in (("reinforce", "policy_reinforce"), ("pseudo_label", "policy_pseudo")):
         out[name] = ["--config", "configs/policy.yaml", "--model.init_args.universal_checkpoint", EXPORT,
                      "--model.init_args.mode", mode]
@@ -155,12 +159,13 @@ def write(records: list, out_dir: Path, base: str) -> str:
             w.writerow([r.get(c) for c in COLUMNS])
     curve = curve_points(records, lambda row: row == "universal", 100)
     sandwich = curve_points(records, lambda row: row == "universal_sandwich", 100)
+    distill = curve_points(records, lambda row: row == "universal_sandwich_distill", 100)
     fixed = curve_points(records, lambda row: row.startswith("fixed"), 100)
     points = {r["row"]: (r["gflops"], 100 * r["acc"]) for r in records
               if r["row"].startswith("policy") and r["acc"] is not None}
     if curve or fixed or points:
         xy_chart({"universal (every budget)": curve, "universal, sandwich (same compute)": sandwich,
-                  "trained at one budget": fixed}, points,
+                  "sandwich + in-place distillation": distill, "trained at one budget": fixed}, points,
                  title="accuracy vs LLM GFLOPs per sample", xlabel="LLM GFLOPs per sample",
                  ylabel="accuracy %").save(out_dir / "budgets.png")
     text = "\n".join(lines) + "\n"

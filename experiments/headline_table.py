@@ -132,9 +132,35 @@ def write(records: List[dict], out_dir: Path, base: str) -> str:
         pareto_chart({label(r): (r["llm_gflops"], 100 * r["hard"]) for r in records},
                      title="hard accuracy vs LLM GFLOPs per sample", xlabel="LLM GFLOPs per sample",
                      ylabel="hard accuracy %").save(out_dir / "headline.png")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines + seed_summary(records)) + "\n"
     (out_dir / "headline.md").write_text(text)
     return text
+
+
+def seed_summary(records: List[dict]) -> List[str]:
+    """Markdown lines: for every row fitted at more than one seed, easy and hard accuracy as mean
+    [min, max] over its seeds, and its hard accuracy minus full's at the same seed (paired), as the
+    README's claims are stated against ([] when no row has two seeds)."""
+    by_row: Dict[str, Dict[int, dict]] = {}
+    for r in records:
+        by_row.setdefault(r["row"], {})[r["seed"]] = r
+    full = by_row.get("full", {})
+    def spread(xs: List[float], sign: str = "") -> str:
+        return f"{100 * sum(xs) / len(xs):{sign}.1f} [{100 * min(xs):{sign}.1f}, {100 * max(xs):{sign}.1f}]"
+
+    lines = []
+    for row, seeds in by_row.items():
+        if len(seeds) < 2:
+            continue
+        gaps = [r["hard"] - full[k]["hard"] for k, r in seeds.items() if k in full and row != "full"]
+        lines.append(f"| {row} | {', '.join(map(str, sorted(seeds)))} | {spread([r['easy'] for r in seeds.values()])} | "
+                     f"{spread([r['hard'] for r in seeds.values()])} | "
+                     f"{spread(gaps, '+') if gaps else '-'} |")
+    if not lines:
+        return []
+    return ["", "Across seeds (rows fitted at more than one seed): mean [min, max] in %; hard vs full: the row's hard "
+            "accuracy minus full's at the same seed.", "",
+            "| row | seeds | easy | hard | hard vs full |", "|---|---|---|---|---|", *lines]
 
 
 def main() -> None:

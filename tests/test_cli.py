@@ -98,6 +98,7 @@ def test_visor_is_cheaper_than_full(workdir, base_export):
     ("--model.base_checkpoint", "no/such/dir", "model.base_checkpoint=no/such/dir does not exist"),
     ("--model.budget_sampling", "bogus", "model.budget_sampling must be one of"),
     ("--model.budget_sampling", "1", "model.budget_sampling: budget 1 out of range"),  # visor.yaml has one budget
+    ("--model.distill_weight", "0.5", "model.distill_weight=0.5 needs model.budget_sampling: sandwich"),
     ("--model.lvlm.init_args.plan.optional_self", "[1]", "plan.optional_self"),
 ])
 def test_bad_config_fields_are_named(workdir, base_export, capsys, arg, value, field):

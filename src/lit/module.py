@@ -58,6 +58,9 @@ class VisorLitModule(L.LightningModule):
         tasks: task names for per-task validation accuracy.
         budget_sampling: which budgets a training step runs: `largest` (default), `uniform`,
             `sandwich`, or a budget index (train at that budget only).
+        distill_weight: in-place distillation (slimmable networks) under `sandwich`: each smaller
+            budget's loss is (1 - w) x its answer NLL + w x KL(the largest budget's answer
+            distribution of the same step, detached || its own); 0 (default): the NLL only.
         predict_budget: the budget `predict` answers at (None: the largest).
         max_new_tokens: the longest answer `predict` generates (cached greedy, stops at eos).
     """
@@ -76,6 +79,7 @@ class VisorLitModule(L.LightningModule):
         betas: Tuple[float, float] = (0.9, 0.95),
         tasks: Sequence[str] = TASKS,
         budget_sampling: Union[int, str] = "largest",
+        distill_weight: float = 0.0,
         predict_budget: Optional[int] = None,
         max_new_tokens: int = 16,
     ) -> None:
@@ -86,6 +90,11 @@ class VisorLitModule(L.LightningModule):
         elif budget_sampling not in BUDGET_SAMPLING:
             raise ValueError(f"model.budget_sampling must be one of {BUDGET_SAMPLING} or a budget index, "
                              f"got {budget_sampling!r}")
+        if not 0 <= distill_weight <= 1:
+            raise ValueError(f"model.distill_weight must be in [0, 1], got {distill_weight}")
+        if distill_weight and budget_sampling != "sandwich":
+            raise ValueError(f"model.distill_weight={distill_weight} needs model.budget_sampling: sandwich (the largest "
+                             f"budget teaches the others in the same step), got {budget_sampling!r}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
         lvlm.plan.budget_index(predict_budget, "model.predict_budget")
@@ -219,8 +228,15 @@ class VisorLitModule(L.LightningModule):
         B = len(batch["task"])
         total = 0.0
         budgets = self.step_budgets(self.global_step)
-        for k in budgets:
-            loss, _ = self._loss(batch, k)
+        w, teacher = self.hparams.distill_weight, None
+        for k in budgets:  # sandwich: the largest first
+            loss, logits = self._loss(batch, k)
+            if w and k == self.lvlm.plan.largest_budget:
+                teacher = F.log_softmax(logits.detach().float(), dim=-1)  # (N answer tokens, vocab)
+            elif w and teacher is not None:
+                kl = F.kl_div(F.log_softmax(logits.float(), dim=-1), teacher, log_target=True, reduction="batchmean")
+                self.log(f"train/distill_kl@budget={k}", kl, batch_size=B)
+                loss = (1 - w) * loss + w * kl
             total = total + loss
             if len(budgets) > 1 or self.val_budgets:
                 self.log(f"train/loss@budget={k}", loss, batch_size=B)
