@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 
-from src.lit.checkpoint_io import architecture, exportable_state, git_commit, load_base_checkpoint
+from src.lit.checkpoint_io import export_checkpoint, load_base_checkpoint
 from src.models.anyres import AnyRes
 from src.models.decoder import DecoderConfig
 from src.models.llava_ov import llava_ov_from_hf, lvlm_init_args
@@ -56,11 +55,8 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "source") -> d
     if dtype == "source":
         dtype = source_dtype(hf_dir)
     model, settings = llava_ov_from_hf(hf_dir, pos_conv=False)  # the base: all self, no pos conv
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(exportable_state(model, DTYPES[dtype]), str(out_dir / "model.safetensors"))
     source_config = json.loads((hf_dir / "config.json").read_text())
     manifest = {
-        "architecture": architecture(model),
         "lvlm_init_args": lvlm_init_args(model, settings["vision"]),
         "dtype": dtype,
         "source": {"hf_dir": str(hf_dir), "config": source_config},
@@ -68,10 +64,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "source") -> d
         "image_mode": "AnyRes (src.models.anyres.TiledImages: a base crop and tiles per image, settings in "
                       "lvlm_init_args.anyres) or one crop per image (its tokens then one image_newline); crops "
                       "image_size x image_size in [0, 1], mean/std 0.5 inside the encoder",
-        "commit": git_commit(),
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    return manifest
+    export_checkpoint(model, out_dir, manifest, dtype=DTYPES[dtype])
+    return json.loads((out_dir / "manifest.json").read_text())
 
 
 def load_converted(out_dir: str | Path, plan: Optional[LayerPlan] = None, pos_conv: bool = False,

@@ -14,23 +14,15 @@ tests can check them). One scene holds:
 
 Training-only auxiliary questions (`aux_questions=True`; the base's training split, as LLaVA's
 alignment stage trains on descriptions before instructions) ask for one fact at a time that the
-evaluated tasks combine: the large object's shape (`large_shape`; `large` asks yes/no about one
-shape, which a model answers 83% right from presence alone and so never learns the shape; with
-`large_question="shape"` the evaluated `large` question is this one and it is not repeated), and
-where a medium object lies on a 3 x 3 grid of the image (`locate`; `spatial` compares two such
-positions), and which digits the box holds, in increasing order (`digits`; `read` also needs
-their left-to-right order). `locate_answer="object_cell"` makes `locate` restate the object before
-its cell ("green circle top left"): the token that predicts the cell is then the named object's own
-word, so the attention that finds the object can key on that token's embedding (one hop), where
-the plain answer, predicted at the prompt's last token, first needs a head that moves the colour
-word there (two hops); a decoder trained from scratch on the plain form never learns the second
-hop and answers either object's cell (experiments/two_hop_probe.py). `spatial_answer=
-"object_relation"` does the same for the evaluated `spatial` question ("green circle left"): the
-relation is then predicted at the first named object's own shape word, and the second object is
-simply the other medium one. `count_answer="kind_count"` restates the counted kind the same way
-("red circles 2"), so the number is predicted at the kind's own shape word. The training-only
-questions come after the evaluated questions and draw nothing at random, so the images and the
-evaluated questions of a seed are the same with or without them.
+evaluated tasks combine: the large object's shape (`large_shape`), where a medium object lies on
+a 3 x 3 grid (`locate`), and which digits the box holds in increasing order (`digits`). They come
+after the evaluated questions and draw nothing at random, so the images and the evaluated
+questions of a seed are the same with or without them.
+
+Answer forms: `locate_answer="object_cell"`, `spatial_answer="object_relation"` and
+`count_answer="kind_count"` restate the named object or counted kind before the answer ("green
+circle top left", "green circle left", "red circles 2"), so the answer is predicted at the
+object's own word (one attention hop instead of two; docs/findings.md, "Why restate").
 
 `hard` means the answer needs detail finer than 2x2 pooling of a stride-8 token grid keeps
 (16 px cells): two digits share one pooled cell, as do neighbouring small objects of different

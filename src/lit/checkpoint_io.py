@@ -93,18 +93,27 @@ def fit_manifest(trainer, config_path: Optional[str]) -> dict:
     }
 
 
+def write_manifest(out_dir: str | Path, manifest: dict) -> dict:
+    """out_dir/manifest.json: `manifest` with the commit it was made at; the one writer of the
+    manifests beside exported weights (LVLM exports, converted checkpoints, the pretrained encoder)."""
+    manifest = {"commit": git_commit(), **manifest}
+    (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
 def export_checkpoint(model: VisorLVLM, out_dir: str | Path, manifest: dict,
-                      tokenizer: Optional[str | Path] = None, state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
-    """model.safetensors (half precision) + manifest.json (+ the data's tokenizer.json, copied, so the
-    export answers questions on its own: src/eval/checkpoints.py) -> out_dir. state: the model's
-    state dict when it is not `model.state_dict()` (a sharded model's, gathered whole)."""
+                      tokenizer: Optional[str | Path] = None, state: Optional[Dict[str, torch.Tensor]] = None,
+                      dtype: torch.dtype = torch.float16) -> Path:
+    """model.safetensors (in `dtype`, default half precision) + manifest.json (its architecture and
+    `manifest`; + the data's tokenizer.json, copied, so the export answers questions on its own:
+    src/eval/checkpoints.py) -> out_dir. state: the model's state dict when it is not
+    `model.state_dict()` (a sharded model's, gathered whole)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(exportable_state(model, state=state), str(out_dir / "model.safetensors"))
+    save_file(exportable_state(model, dtype, state), str(out_dir / "model.safetensors"))
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
-    manifest = {"architecture": architecture(model), "commit": git_commit(), **manifest}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    write_manifest(out_dir, {"architecture": architecture(model), **manifest})
     return out_dir
 
 

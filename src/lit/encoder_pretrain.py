@@ -15,7 +15,6 @@ manifest (recipe, commit, steps, validation); `vision.weights_path` in configs/b
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 from typing import Dict, Optional
@@ -27,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from src.data.dense_targets import CHANNELS, GROUP_CHANNELS, GROUPS, dense_targets
-from src.lit.checkpoint_io import fit_manifest, git_commit
+from src.lit.checkpoint_io import fit_manifest, write_manifest
 from src.lit.module import warmup_cosine, weight_decays
 from src.models.vision import VisionEncoder
 
@@ -125,12 +124,10 @@ class EncoderPretrainModule(L.LightningModule):
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.vision.state_dict().items()}
         save_file(state, str(out / "model.safetensors"))
         v = self.vision
-        manifest = {
+        write_manifest(out, {
             "vision": {"name": v.name, "feature_layer": v.feature_layer, "image_size": v.image_size,
                        "pos_embed": v.pos_embed_kind, "feature_norm": v.feature_norm is not None},
-            "commit": git_commit(),
             **fit_manifest(self.trainer, self.hparams.config_path),
             "channels": list(CHANNELS),
-        }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        })
         log.info("exported the pretrained vision encoder to %s", out)

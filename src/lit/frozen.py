@@ -3,8 +3,8 @@
 A `train()` override is not enough: Lightning captures every submodule's mode before a
 validation loop and restores it afterwards (and a freshly built module starts in train mode), so a
 frozen vision encoder's batch norms would go back to updating their running statistics from the
-training batches. That changed a "frozen" model under the policy stage (base v4: read 73.4 -> 4.6
-after 200 router steps). Call `hold_eval` from `train()` and at every training batch start.
+training batches, and a "frozen" model would drift under the policy stage (docs/findings.md, "A
+frozen encoder that was not"). Call `hold_eval` from `train()` and at every training batch start.
 """
 from __future__ import annotations
 

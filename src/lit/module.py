@@ -255,7 +255,6 @@ class VisorLitModule(L.LightningModule):
         correct = exact_match(logits, batch["labels"])
         self.val_task_acc.update(correct, batch["task"])
         self.val_difficulty_acc.update(correct, batch["difficulty"])
-        B = len(batch["task"])
         # Per-sample GFLOPs with each sample's own (unpadded) text length.
         lengths = (batch["input_ids"] != self.pad_id).sum(1).tolist()
         sizes, at = image_sizes(batch), image_at(batch)

@@ -21,7 +21,7 @@ plan, the per-sample budgets, the gated gather/scatter and FastV are read in one
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch

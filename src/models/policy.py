@@ -6,12 +6,8 @@ zero, so an untrained router is uniform over budgets.
 
 The pooled features are standardised per feature with running statistics (batch norm without an
 affine part), not layer-normed per sample: an LLM's hidden states carry a few large, nearly
-constant channels (base v4 at layer 2: |mean| up to 28 against a per-channel spread of ~1.2), and
-a per-sample layer norm left the question's task in channels too small for the router to learn
-from (measured on cached layer-2 features: a linear probe reads the task perfectly from the
-standardised text features, yet the layer-normed router, trained on the exact expected reward,
-still gave every question one budget; the standardised one routed spatial questions to a larger
-budget and the rest to the smallest).
+constant channels, and a per-sample layer norm leaves the question's task in channels too small
+for the router to learn from (docs/findings.md, "The router's features").
 
 Inference modes (`select_budgets`): `policy` (argmax), `max` / `min` (the largest / smallest
 budget), a fixed budget index, and `target` — the router's logits shifted by mu x relative cost,
