@@ -303,7 +303,7 @@ def bench_train(folder: Path, names: List[str], V: int, T: int, answer: int, rep
         else:  # one copy of the base weights: the timing of a step does not depend on whose they are
             dec.embed_tokens, dec.layers, dec.norm, dec.lm_head = shared.embed_tokens, shared.layers, shared.norm, shared.lm_head
         params = [p for n, p in dec.named_parameters() if not (frozen and n.startswith(("embed_tokens.", "lm_head.")))]
-        opt = torch.optim.AdamW(params, lr=1e-6, fused=True)  # as src/lit/module.py: one pass, not a loop of kernels
+        opt = torch.optim.AdamW(params, lr=1e-6, fused=True)  # as src/lit/visor_module.py: one pass, not a loop of kernels
 
         def loss_fn(dec=dec, frozen=frozen):
             dec.embed_tokens.weight.requires_grad_(not frozen)

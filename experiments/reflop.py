@@ -47,7 +47,7 @@ TOLERANCE = 1e-6
 def _cli_model(args: List[str]):
     from src.cli import VisorCLI
     from src.data.datamodule import VQADataModule
-    from src.lit.module import VisorLitModule
+    from src.lit.visor_module import VisorLitModule
     return VisorCLI(VisorLitModule, VQADataModule, run=False, args=args + ["--data.num_workers", "0"])
 
 

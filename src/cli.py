@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.data.datamodule import VQADataModule
 from src.lit.faults import AtomicCheckpointIO, StopOnSigterm
-from src.lit.module import VisorLitModule
+from src.lit.visor_module import VisorLitModule
 from src.lit.predict import JsonlPredictionWriter
 
 

@@ -16,7 +16,7 @@ import torch
 from src.cli import VisorCLI
 from src.data.datamodule import VQADataModule
 from src.lit.checkpoint_io import data_tokenizer, export_checkpoint, exportable_state, read_lightning_checkpoint
-from src.lit.module import VisorLitModule
+from src.lit.visor_module import VisorLitModule
 
 
 def main(argv=None) -> dict:

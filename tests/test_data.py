@@ -107,7 +107,7 @@ def test_skipped_samples_are_reported_at_epoch_end(tmp_path, bad_shard, caplog):
     import lightning as L
 
     from src.data.datamodule import VQADataModule
-    from src.lit.module import VisorLitModule
+    from src.lit.visor_module import VisorLitModule
     from src.models.decoder import DecoderConfig
     from src.models.lvlm import VisorLVLM
     from src.models.plan import LayerPlan

@@ -195,7 +195,7 @@ def test_chat_layout_through_lightning_fit_validate_predict(hf_dir, tmp_path):
     from src.data.datamodule import VQADataModule
     from src.flops import sample_flops
     from src.lit.batch import answer_logits
-    from src.lit.module import VisorLitModule
+    from src.lit.visor_module import VisorLitModule
     from src.models import DecoderConfig, LayerPlan, VisionEncoder, VisorLVLM
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import lightning as L  # noqa: E402
 from src.convert_llava_ov import convert  # noqa: E402
 from src.data.datamodule import VQADataModule  # noqa: E402
 from src.flops import sample_flops  # noqa: E402
-from src.lit.module import VisorLitModule  # noqa: E402
+from src.lit.visor_module import VisorLitModule  # noqa: E402
 from src.models import DecoderConfig, LayerPlan, VisorLVLM  # noqa: E402
 from src.models.anyres import AnyRes, TiledImages  # noqa: E402
 from src.models.siglip import SiglipVisionEncoder  # noqa: E402

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from src.lit.module import warmup_cosine
+from src.lit.visor_module import warmup_cosine
 from src.models.decoder import DecoderConfig
 
 
@@ -28,7 +28,7 @@ def test_freeze_embeddings_keeps_the_vocabulary_matrix_out_of_training(tiny_deco
     """model.freeze_embeddings: no gradient for the (tied) embedding / LM head, and not in the optimizer."""
     from types import SimpleNamespace
 
-    from src.lit.module import VisorLitModule
+    from src.lit.visor_module import VisorLitModule
     from src.models import LayerPlan, VisionEncoder, VisorLVLM
     c = tiny_decoder_config
     lvlm = VisorLVLM(VisionEncoder("test_byobnet", 2, 64), c, LayerPlan(c.n_layers, self_layers=[0], cross_layers=[1]))
@@ -53,7 +53,7 @@ def test_the_summary_counts_the_phase_trainable_parameters(base_export):
 
     from lightning.pytorch.utilities.model_summary import ModelSummary
 
-    from src.lit.module import VisorLitModule
+    from src.lit.visor_module import VisorLitModule
     from src.models import DecoderConfig, LayerPlan, VisionEncoder, VisorLVLM
     lvlm = VisorLVLM(VisionEncoder("lcnet_075", 2, 128, pos_embed="sincos", feature_norm=True),
                      DecoderConfig(preset="tiny"), LayerPlan(6, self_layers=[0], cross_layers=[1, 3]))

@@ -27,7 +27,7 @@ from torch import nn
 
 from src.data.dense_targets import CHANNELS, GROUP_CHANNELS, GROUPS, dense_targets
 from src.lit.checkpoint_io import fit_manifest, write_manifest
-from src.lit.module import warmup_cosine, weight_decays
+from src.lit.visor_module import warmup_cosine, weight_decays
 from src.models.vision import VisionEncoder
 
 log = logging.getLogger(__name__)

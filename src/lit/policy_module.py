@@ -15,25 +15,23 @@ mean reward.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
 
 from src.data.generator import TASKS
 from src.flops import sample_flops
+from src.lit.base import LVLMModule
 from src.lit.batch import answer_logits, image_at, image_sizes, query_index
 from src.lit.checkpoint_io import load_base_checkpoint
 from src.lit.distributed import gather_lists, is_sharded, prepare_ddp
 from src.lit.frozen import hold_eval
-from src.lit.predict import log_cache_report, prediction_rows, split_prompt
+from src.lit.predict import split_prompt
 from src.lit.policy_objectives import MovingAverageBaseline, pseudo_labels, reinforce_loss
-from src.metrics import GroupedAccuracy, accuracy_logs, answer_nll, exact_match
-from src.models.generation import generate
+from src.metrics import answer_nll, exact_match
 from src.models.lvlm import VisorLVLM
 from src.models.policy import select_budgets
 
@@ -44,7 +42,7 @@ REWARDS = ("exact_match", "nll")
 BASELINES = ("moving_average", "greedy")
 
 
-class PolicyLitModule(L.LightningModule):
+class PolicyLitModule(LVLMModule):
     """Args:
         lvlm: the universal VISOR model with a router (`policy_hidden`) and optional self layers.
         universal_checkpoint: the exported universal model (safetensors dir); everything but the router.
@@ -54,6 +52,8 @@ class PolicyLitModule(L.LightningModule):
         max_new_tokens: the longest answer `predict` generates (cached greedy, stops at eos).
         lr, weight_decay: AdamW on the router.
     """
+
+    lvlm_field = "model.init_args.lvlm.init_args"
 
     def __init__(
         self,
@@ -93,43 +93,26 @@ class PolicyLitModule(L.LightningModule):
             raise FileNotFoundError(f"model.universal_checkpoint={universal_checkpoint} does not exist: train one with "
                                     "configs/visor.yaml + configs/universal.yaml (its export is the checkpoint)")
         self.save_hyperparameters(ignore=["lvlm"])
-        self.lvlm = lvlm
+        self._init_lvlm(lvlm, tasks)
         if universal_checkpoint is not None:
             router = [n for n in lvlm.state_dict() if n.startswith("policy.")]  # weights and feature statistics
             load_base_checkpoint(lvlm, universal_checkpoint, may_lack=router,
                                  field_prefix="model.init_args.lvlm.init_args.decoder.")
         for n, p in lvlm.named_parameters():
             p.requires_grad_(n.startswith("policy."))
-        self.tasks = list(tasks)
         self.n_budgets = lvlm.plan.n_budgets
-        self.val_task_acc = GroupedAccuracy(self.tasks)
-        self.val_difficulty_acc = GroupedAccuracy(["easy", "hard"])
         self.moving_baseline = MovingAverageBaseline(baseline_momentum)
-        self.pad_id = 0
-        self.tokenizer = None  # the datamodule's, from setup(); predict decodes with it
-        self._predict_seen: Counter = Counter()
         self._val: Dict[str, List] = {"budgets": [], "difficulty": [], "task": [], "gflops": [], "entropy": [],
                                       "reward": []}
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._hold_frozen_eval(mode)
-        return self
-
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self._hold_frozen_eval(True)  # Lightning restores per-module modes after validation
-
-    def _hold_frozen_eval(self, router_training: bool) -> None:
+    def hold_frozen_eval(self, training: bool) -> None:
         """The LVLM is frozen (norm statistics fixed, no dropout); the router alone follows the fit's
         mode, so its feature standardisation learns its statistics from the training batches."""
         hold_eval(self.lvlm)
-        self.lvlm.policy.train(router_training)
+        self.lvlm.policy.train(training)
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        tok = getattr(dm, "tokenizer", None)
-        self.pad_id = tok.pad_id if tok is not None else 0
-        self.tokenizer = tok
+        super().setup(stage)
         if is_sharded(self.trainer):
             raise ValueError("trainer.strategy: the policy stage trains only the router, which sharding does not "
                              "help; use configs/strategy/ddp.yaml")
@@ -137,9 +120,6 @@ class PolicyLitModule(L.LightningModule):
         if stage == "fit" and self.hparams.universal_checkpoint is None and self.trainer.ckpt_path is None:
             raise ValueError("model.init_args.universal_checkpoint is null: the router would learn over an untrained "
                              "model; give the universal export (configs/visor.yaml + configs/universal.yaml)")
-        if dm is not None and dm.hparams.image_size != self.lvlm.vision.image_size:
-            raise ValueError(f"data.image_size={dm.hparams.image_size} differs from "
-                             f"model.init_args.lvlm.init_args.vision.init_args.image_size={self.lvlm.vision.image_size}")
 
     # -- pieces ---------------------------------------------------------------------------------
     def _prompt_mask(self, batch: dict) -> torch.Tensor:
@@ -236,8 +216,8 @@ class PolicyLitModule(L.LightningModule):
         v["reward"] += reward.tolist()
 
     def on_validation_epoch_end(self) -> None:
-        tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
-        self.log_dict(accuracy_logs(tasks, difficulty))
+        super().on_validation_epoch_end()
+        tasks, difficulty = self.log_accuracy()
         v = gather_lists(self._val)  # every rank's samples
         n = max(1, len(v["budgets"]))
         gflops = sum(v["gflops"]) / n
@@ -264,15 +244,9 @@ class PolicyLitModule(L.LightningModule):
             rank_zero_info(f"[val] step {self.global_step} policy ({self.hparams.inference}): accuracy % "
                            + ", ".join(f"{k} {100 * float(a):.1f}" for k, a in {**difficulty, **tasks}.items())
                            + f"; LLM GFLOPs/sample {gflops:.3f}; budget fractions {frac}")
-        self.val_task_acc.reset()
-        self.val_difficulty_acc.reset()
         self._val = {k: [] for k in self._val}
 
     # -- predict --------------------------------------------------------------------------------
-    def on_predict_epoch_start(self) -> None:
-        self._predict_seen = Counter()
-        log_cache_report(self.lvlm)
-
     def predict_step(self, batch: dict, batch_idx: int) -> List[dict]:
         """Cached greedy answers to the batch's questions (the prompt only; see src/lit/predict.py),
         budgets chosen by the router at the prefill in the `inference` mode (relative costs at the
@@ -286,10 +260,7 @@ class PolicyLitModule(L.LightningModule):
                                   plan.smallest_budget)
 
         mask = self._prompt_mask(batch)[:, : prompt.shape[1]]  # (B, P)
-        out = generate(self.lvlm, batch["images"], prompt, lens, h.max_new_tokens, budget=choose,
-                       eos_id=getattr(self.tokenizer, "eos_id", None), pad_id=self.pad_id, prompt_mask=mask,
-                       image_at=image_at(batch))
-        return prediction_rows(self.lvlm, batch, prompt, lens, out, self.tokenizer, self._predict_seen)
+        return self.answer_rows(batch, prompt, lens, choose, prompt_mask=mask)
 
     def configure_optimizers(self):
         params = [p for p in self.lvlm.policy.parameters()]

@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
@@ -28,11 +27,11 @@ from src.data.generator import TASKS
 from src.flops import sample_flops
 from src.lit.batch import answer_logits, image_at, image_sizes
 from src.lit.checkpoint_io import load_base_checkpoint
-from src.lit.distributed import hold_gathered, is_distributed, prepare_ddp, shard_for_strategy
+from src.lit.base import LVLMModule
+from src.lit.distributed import is_distributed, prepare_ddp
 from src.lit.frozen import hold_eval
-from src.lit.predict import log_cache_report, prediction_rows, split_prompt
-from src.metrics import GroupedAccuracy, MeanFlops, accuracy_logs, exact_match
-from src.models.generation import generate
+from src.lit.predict import split_prompt
+from src.metrics import GroupedAccuracy, MeanFlops, exact_match
 from src.models.lvlm import VisorLVLM
 from src.plots import to_tensorboard, xy_chart
 
@@ -42,7 +41,7 @@ FROZEN_EMBEDDINGS = ("lvlm.decoder.embed_tokens.", "lvlm.decoder.lm_head.")
 log = logging.getLogger(__name__)
 
 
-class VisorLitModule(L.LightningModule):
+class VisorLitModule(LVLMModule):
     """Universal entry point for base training, VISOR conversion and baselines.
 
     Args:
@@ -107,7 +106,7 @@ class VisorLitModule(L.LightningModule):
         if new_params_only_steps and base_checkpoint is None:
             raise ValueError("model.new_params_only_steps needs model.base_checkpoint (new relative to what?)")
         self.save_hyperparameters(ignore=["lvlm"])
-        self.lvlm = lvlm
+        self._init_lvlm(lvlm, tasks)
         self.new_params: List[str] = []
         if base_checkpoint is not None:
             if not Path(base_checkpoint).exists():
@@ -125,47 +124,27 @@ class VisorLitModule(L.LightningModule):
         if freeze_embeddings:
             lvlm.decoder.embed_tokens.requires_grad_(False)
             lvlm.decoder.lm_head.requires_grad_(False)
-        self.tasks = list(tasks)
-        self.val_task_acc = GroupedAccuracy(self.tasks)
-        self.val_difficulty_acc = GroupedAccuracy(["easy", "hard"])
         self.val_budgets = list(range(n_budgets)) if n_budgets > 1 else []  # evaluated besides the largest
         self.val_budget_acc = torch.nn.ModuleList(GroupedAccuracy(["easy", "hard"]) for _ in self.val_budgets)
         self.val_budget_task_acc = torch.nn.ModuleList(GroupedAccuracy(self.tasks) for _ in self.val_budgets)
         self.val_budget_flops = torch.nn.ModuleList(MeanFlops() for _ in self.val_budgets)
         self.skipped = {"train": Counter(), "val": Counter()}
         self._step_times: List[float] = []
-        self.pad_id = 0
-        self.tokenizer = None  # the datamodule's, from setup(); predict decodes with it
-        self._predict_seen: Counter = Counter()
         self.val_flops = MeanFlops()  # per-sample means over the whole validation set, every rank's
         # the mean NLL per answer token over the whole set (however it is batched or shared out)
         self.val_loss = MeanMetric().set_dtype(torch.float64)
         self._stage2: Optional[bool] = None  # the training stage the requires_grad flags are set for
 
     # -- modes ----------------------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        super().train(mode)
+    def hold_frozen_eval(self, training: bool) -> None:
         if self.hparams.freeze_vision:
             hold_eval(self.lvlm.vision)  # frozen encoder: batch-norm statistics stay as trained
-        return self
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        tok = getattr(dm, "tokenizer", None)
-        self.pad_id = tok.pad_id if tok is not None else 0
-        self.tokenizer = tok
-        if tok is not None and tok.vocab_size > self.lvlm.decoder.config.vocab_size:
-            raise ValueError(f"model.lvlm.init_args.decoder.vocab_size={self.lvlm.decoder.config.vocab_size} is "
-                             f"smaller than the tokenizer's {tok.vocab_size} tokens")
-        if dm is not None and getattr(dm.hparams, "image_size", None) not in (None, self.lvlm.vision.image_size):
-            raise ValueError(f"data.image_size={dm.hparams.image_size} differs from "
-                             f"model.lvlm.init_args.vision.init_args.image_size={self.lvlm.vision.image_size}")
+        super().setup(stage)
         prepare_ddp(self.trainer, skips_layers=self.lvlm.plan.n_budgets > 1)
         if stage == "fit":
             self._set_stage()  # before Lightning's model summary, so it counts this phase's trainable parameters
-
-    def configure_model(self) -> None:
-        shard_for_strategy(self.lvlm, self.trainer)  # sharded training only (configs/strategy/fsdp.yaml)
 
     def _set_stage(self) -> None:
         """Stage 1 (new parameters only) for the first `new_params_only_steps` steps, then stage 2."""
@@ -205,8 +184,7 @@ class VisorLitModule(L.LightningModule):
         return loss, logits
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        if self.hparams.freeze_vision:
-            hold_eval(self.lvlm.vision)  # Lightning restores per-module modes after validation
+        super().on_train_batch_start(batch, batch_idx)
         self._set_stage()
         self._t0 = time.perf_counter()
 
@@ -271,13 +249,9 @@ class VisorLitModule(L.LightningModule):
             self.val_budget_task_acc[j].update(correct_k, batch["task"])
             self.val_budget_flops[j].update([sample_flops(self.lvlm, t, k, hw, at) for t, hw in zip(lengths, sizes)])
 
-    def on_validation_epoch_start(self) -> None:
-        hold_gathered(self.lvlm, True)
-
     def on_validation_epoch_end(self) -> None:
-        hold_gathered(self.lvlm, False)
-        tasks, difficulty = self.val_task_acc.compute(), self.val_difficulty_acc.compute()
-        self.log_dict(accuracy_logs(tasks, difficulty))
+        super().on_validation_epoch_end()
+        tasks, difficulty = self.log_accuracy()
         means = self.val_flops.compute()
         gflops = means["llm"]
         self.log("val/loss", float(self.val_loss.compute()))
@@ -289,8 +263,6 @@ class VisorLitModule(L.LightningModule):
             parts = [f"{k} {100 * float(v):.1f}" for k, v in {**difficulty, **tasks}.items() if k != "all"]
             rank_zero_info(f"[val] step {self.global_step} ({self.lvlm.plan}): accuracy % " + ", ".join(parts)
                            + f"; LLM GFLOPs/sample {gflops:.3f}")
-        self.val_task_acc.reset()
-        self.val_difficulty_acc.reset()
         self._log_budget_curve()
         self._report_skipped("val")
 
@@ -335,22 +307,11 @@ class VisorLitModule(L.LightningModule):
         counts.clear()
 
     # -- predict --------------------------------------------------------------------------------
-    def on_predict_epoch_start(self) -> None:
-        self._predict_seen = Counter()
-        log_cache_report(self.lvlm)
-        hold_gathered(self.lvlm, True)
-
-    def on_predict_epoch_end(self) -> None:
-        hold_gathered(self.lvlm, False)
-
     def predict_step(self, batch: dict, batch_idx: int) -> List[dict]:
         """Cached greedy answers to the batch's questions (the prompt only; see src/lit/predict.py)
         at `predict_budget` -> one JSON-ready row per sample (the JsonlPredictionWriter writes them)."""
         prompt, lens = split_prompt(batch, self.pad_id)
-        out = generate(self.lvlm, batch["images"], prompt, lens, self.hparams.max_new_tokens,
-                       budget=self.hparams.predict_budget,
-                       eos_id=getattr(self.tokenizer, "eos_id", None), pad_id=self.pad_id, image_at=image_at(batch))
-        return prediction_rows(self.lvlm, batch, prompt, lens, out, self.tokenizer, self._predict_seen)
+        return self.answer_rows(batch, prompt, lens, self.hparams.predict_budget)
 
     # -- optimiser ------------------------------------------------------------------------------
     def configure_optimizers(self):
