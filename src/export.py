@@ -2,6 +2,8 @@
 
     python -m src.export --config configs/base.yaml --ckpt outputs/base/checkpoints/last.ckpt \
         --out checkpoints/base [--note "interim: ..."]
+    python -m src.export --config configs/base.yaml --config configs/base_stage2.yaml \
+        --ckpt outputs/base_stage2/checkpoints/last.ckpt --out checkpoints/base_stage2   # a stacked stage
 
 The manifest records the recipe, commit, data seed, training step and the validation accuracy
 per task measured here, on the exported (half-precision) weights; the data's tokenizer.json is
@@ -13,21 +15,20 @@ from pathlib import Path
 
 import torch
 
-from src.cli import VisorCLI
-from src.data.datamodule import VQADataModule
+from src.cli import main as cli_main
 from src.lit.checkpoint_io import data_tokenizer, export_checkpoint, exportable_state, read_lightning_checkpoint
-from src.lit.visor_module import VisorLitModule
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", required=True, action="append",
+                    help="the fit's config; repeat it for a stack of deltas, as the fit was given them")
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--note", default="")
     args, overrides = ap.parse_known_args(argv)  # the rest goes to the LightningCLI (e.g. --data.val_images 100)
-    cli = VisorCLI(VisorLitModule, VQADataModule, run=False, save_config_callback=None,
-                   args=["--config", args.config, "--trainer.logger", "false", *overrides])
+    configs = [a for c in args.config for a in ("--config", c)]
+    cli = cli_main([*configs, "--trainer.logger", "false", *overrides], run=False, weights_later=True)
     ckpt = read_lightning_checkpoint(args.ckpt)
     cli.model.load_state_dict(ckpt["state_dict"])
     lvlm = cli.model.lvlm
@@ -36,7 +37,8 @@ def main(argv=None) -> dict:
         for k, v in exportable_state(lvlm).items():
             lvlm.state_dict()[k].copy_(v.to(lvlm.state_dict()[k].dtype))
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule)
-    manifest = {"recipe": args.config, "recipe_text": Path(args.config).read_text(),
+    texts = [Path(c).read_text() for c in args.config]
+    manifest = {"recipe": "+".join(args.config), **({"recipe_text": texts[0]} if len(texts) == 1 else {"recipe_texts": texts}),
                 "data": dict(cli.datamodule.hparams), "source_checkpoint": args.ckpt,
                 "global_step": ckpt.get("global_step"), "note": args.note,
                 "validation": {k: round(float(v), 4) for k, v in metrics.items()}}

@@ -11,7 +11,7 @@ model), the projector and the LLM are analytical and cross-checked against it in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from src.models.decoder import DecoderConfig
 from src.ops.sdpa_flops import SDPA_FLOP_FORMULAS
 
-# How a FLOPs figure here counts, for table headers (experiments/reflop.py also reads it there).
+# How a FLOPs figure here counts, for table headers (experiments/tables/reflop.py also reads it there).
 CONVENTION = ("as computed: 1 multiply-add = 2 FLOPs, a causal attention square counted half, "
               "cross-attention in full (src/flops.py)")
 

@@ -31,7 +31,7 @@ colour-shape kinds (so pooling mixes their features: the binding problem).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from PIL import Image, ImageDraw, ImageFont

@@ -9,7 +9,7 @@ Accepted `checkpoint`s:
     writes it), else the recipe's data's;
   - a Lightning `.ckpt` (a VISOR fit, a policy stage with its router): needs `config`, the YAML(s)
     it was fit with (`a.yaml+b.yaml` for a delta);
-  - a converted LLaVA-OneVision folder (`python -m src.convert_llava_ov`, manifest `lvlm_init_args`):
+  - a converted LLaVA-OneVision folder (`python -m src.import_llava_ov`, manifest `lvlm_init_args`):
     needs `tokenizer` (its tokenizer.json), in the `llava_ov` chat layout unless told otherwise.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def load_for_eval(checkpoint: str, config: Optional[str] = None, tokenizer: Opti
         raise FileNotFoundError(f"checkpoint={checkpoint} does not exist")
     manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {}
     if "lvlm_init_args" in manifest:  # a converted LLaVA-OneVision
-        from src.convert_llava_ov import load_converted
+        from src.import_llava_ov import load_converted
 
         tok_path = tokenizer or (path / "tokenizer.json")
         if not Path(tok_path).exists():
@@ -109,6 +109,9 @@ def _configs(path: Path, manifest: dict, config: Optional[str]) -> List[str]:
                          ".ckpt, or an export whose manifest.json records no recipe)")
     folder = Path(tempfile.mkdtemp(prefix="visor_recipe_"))
     recipes = [folder / f"recipe{i}.yaml" for i in range(len(texts))]
+    from src.cli import with_class_paths
+
+    texts = [with_class_paths(texts[0]), *texts[1:]]  # the first is the stage's own; the rest are deltas
     for recipe, text in zip(recipes, texts):
         recipe.write_text(text)
     return [str(r) for r in recipes]
@@ -117,12 +120,8 @@ def _configs(path: Path, manifest: dict, config: Optional[str]) -> List[str]:
 def _instantiate(configs: List[str], path: Path):
     """The LightningModule and datamodule of the configs (no subcommand, no logger). The checkpoint's
     weights are loaded afterwards, so a recipe's own base (or universal) checkpoint is not read."""
-    from src.cli import main, module_class_path
+    from src.cli import main
 
     args = [a for c in configs for a in ("--config", c)] + ["--trainer.logger", "false"]
-    if module_class_path(args) is None:  # VisorLitModule
-        args += ["--model.base_checkpoint", "null", "--model.new_params_only_steps", "0"]
-    else:  # a policy stage: its universal model's weights are in the checkpoint too
-        args += ["--model.init_args.universal_checkpoint", "null"]
-    cli = main(args, run=False)
+    cli = main(args, run=False, weights_later=True)
     return cli.model, cli.datamodule

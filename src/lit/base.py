@@ -17,11 +17,12 @@ from src.models.generation import generate
 from src.models.lvlm import VisorLVLM
 
 
-class LVLMModule(L.LightningModule):
-    """A subclass calls `_init_lvlm` in its __init__ (after save_hyperparameters) and says where its
-    LVLM's config sits (`lvlm_field`, for error messages) and what stays frozen (`hold_frozen_eval`)."""
+LVLM_FIELD = "model.lvlm.init_args"  # = model.init_args.lvlm.init_args (src/cli.py)
 
-    lvlm_field = "model.lvlm.init_args"
+
+class LVLMModule(L.LightningModule):
+    """A subclass calls `_init_lvlm` in its __init__ (after save_hyperparameters) and says what stays
+    frozen (`hold_frozen_eval`). Its LVLM's config sits at `LVLM_FIELD` (named in errors)."""
 
     def _init_lvlm(self, lvlm: VisorLVLM, tasks: Sequence[str]) -> None:
         self.lvlm = lvlm
@@ -52,12 +53,12 @@ class LVLMModule(L.LightningModule):
         self.tokenizer = tok
         vocab = self.lvlm.decoder.config.vocab_size
         if tok is not None and tok.vocab_size > vocab:
-            raise ValueError(f"{self.lvlm_field}.decoder.vocab_size={vocab} is smaller than the tokenizer's "
+            raise ValueError(f"{LVLM_FIELD}.decoder.vocab_size={vocab} is smaller than the tokenizer's "
                              f"{tok.vocab_size} tokens")
         size = self.lvlm.vision.image_size
         if dm is not None and getattr(dm.hparams, "image_size", None) not in (None, size):
             raise ValueError(f"data.image_size={dm.hparams.image_size} differs from "
-                             f"{self.lvlm_field}.vision.init_args.image_size={size}")
+                             f"{LVLM_FIELD}.vision.init_args.image_size={size}")
 
     def configure_model(self) -> None:
         shard_for_strategy(self.lvlm, self.trainer)  # sharded training only (configs/strategy/fsdp.yaml)

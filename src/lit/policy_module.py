@@ -53,8 +53,6 @@ class PolicyLitModule(LVLMModule):
         lr, weight_decay: AdamW on the router.
     """
 
-    lvlm_field = "model.init_args.lvlm.init_args"
-
     def __init__(
         self,
         lvlm: VisorLVLM,

@@ -368,8 +368,8 @@ class Decoder(nn.Module):
         per_sample = isinstance(budget, torch.Tensor)
         cos, sin = self.rope(positions, text.dtype)
         for i in range(start, end):
-            if decoding:
-                caches = cache.layers[i]
+            if decoding:  # a group left empty at prefill (`same_calls_on_every_rank`) has nothing to decode
+                caches = [rc for rc in cache.layers[i] if rc.rows is None or rc.rows.numel()]
                 groups = [(rc.kind, rc.rows) for rc in caches]
             else:
                 groups = self._groups(i, active, per_sample)

@@ -27,9 +27,6 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-import torch
-from torch import nn
-
 from src.models.anyres import AnyRes, default_pinpoints
 from src.models.decoder import DecoderConfig
 from src.models.hf_import import (

@@ -1,7 +1,7 @@
 """VisorLVLM: vision encoder -> projector -> [pos conv] -> [token reducer] -> plan-driven decoder."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
