@@ -11,12 +11,12 @@ copied beside them."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from src.cli import main as cli_main
-from src.lit.checkpoint_io import data_tokenizer, export_checkpoint, exportable_state, read_lightning_checkpoint
+from src.lit.checkpoint_io import (data_tokenizer, export_checkpoint, exportable_state, read_lightning_checkpoint,
+                                  recipe_record)
 
 
 def main(argv=None) -> dict:
@@ -37,8 +37,7 @@ def main(argv=None) -> dict:
         for k, v in exportable_state(lvlm).items():
             lvlm.state_dict()[k].copy_(v.to(lvlm.state_dict()[k].dtype))
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule)
-    texts = [Path(c).read_text() for c in args.config]
-    manifest = {"recipe": "+".join(args.config), **({"recipe_text": texts[0]} if len(texts) == 1 else {"recipe_texts": texts}),
+    manifest = {**recipe_record("+".join(args.config)),
                 "data": dict(cli.datamodule.hparams), "source_checkpoint": args.ckpt,
                 "global_step": ckpt.get("global_step"), "note": args.note,
                 "validation": {k: round(float(v), 4) for k, v in metrics.items()}}

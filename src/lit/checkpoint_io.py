@@ -74,19 +74,24 @@ def data_tokenizer(datamodule) -> Optional[Path]:
     return path if path.exists() else None
 
 
-def fit_manifest(trainer, config_path: Optional[str]) -> dict:
-    """What a fit's export records beside the weights: the recipe (config_path: a YAML, or deltas
-    joined by '+', `configs/visor.yaml+configs/universal.yaml`; each file's text, in order), the
-    data module's settings, the step and the last validation metrics."""
-    dm = trainer.datamodule
+def recipe_record(config_path: Optional[str]) -> dict:
+    """The recipe a manifest records: config_path (a YAML, or deltas joined by '+',
+    `configs/visor.yaml+configs/universal.yaml`) and each file's text, in order."""
     paths = [p for p in (config_path or "").split("+") if p]
     # from the working directory, else the repository (the configs name their files repo-relative)
     files = [Path(p) if Path(p).exists() else Path(__file__).resolve().parents[2] / p for p in paths]
     texts = [f.read_text() for f in files if f.exists()]
+    return {"recipe": config_path,
+            "recipe_text": texts[0] if len(texts) == len(paths) == 1 else None,
+            "recipe_texts": texts if len(texts) == len(paths) and texts else None}
+
+
+def fit_manifest(trainer, config_path: Optional[str]) -> dict:
+    """What a fit's export records beside the weights: the recipe (`recipe_record`), the data
+    module's settings, the step and the last validation metrics."""
+    dm = trainer.datamodule
     return {
-        "recipe": config_path,
-        "recipe_text": texts[0] if len(texts) == len(paths) == 1 else None,
-        "recipe_texts": texts if len(texts) == len(paths) and texts else None,
+        **recipe_record(config_path),
         "data": dict(dm.hparams) if dm is not None else None,
         "global_step": trainer.global_step,
         "validation": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},

@@ -88,9 +88,7 @@ def prefill(lvlm, images: torch.Tensor, input_ids: torch.Tensor, prompt_lens: to
         choose = lambda logits: logits.argmax(-1)  # noqa: E731
     elif callable(budget):
         choose = budget
-    elif budget is None or isinstance(budget, int):
-        lvlm.plan.budget_index(budget, "budget")  # checked here; one budget for the batch stays an int
-    else:
+    elif not (budget is None or isinstance(budget, int)):  # one budget for the batch stays an int
         budget = lvlm.plan.resolve(budget, B, device)
     if choose is not None and prompt_mask is None:
         prompt_mask = torch.arange(P, device=device)[None, :] < prompt_lens[:, None]
