@@ -38,7 +38,7 @@ fit: install
 	$(PY) -m src.cli fit --config $(CONFIG)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-all: install
 	$(PY) -m pytest -q -m ''

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from src.lit.checkpoint_io import export_checkpoint, load_base_checkpoint
+from src.lit.checkpoint_io import DTYPES, export_checkpoint, load_base_checkpoint
 from src.models.anyres import AnyRes
 from src.models.decoder import DecoderConfig
 from src.models.llava_ov import llava_ov_from_hf, lvlm_init_args
@@ -27,7 +27,6 @@ from src.models.plan import LayerPlan
 from src.models.lvlm import VisorLVLM
 from src.models.siglip import SiglipVisionEncoder
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 

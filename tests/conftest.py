@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,3 +42,17 @@ def base_export(workdir):
     base = VisorLVLM(VisionEncoder("lcnet_075", 2, 128, pos_embed="sincos", feature_norm=True), DecoderConfig(preset="tiny"),
                      LayerPlan(6, all_self=True), pos_conv=False)
     return str(export_checkpoint(base, workdir / "base", {}))
+
+
+@pytest.fixture
+def cli_process(tmp_path):
+    """run(*args, cwd=tmp_path, timeout=600): `python -m src.cli <args>` as a process of its own (the
+    repository on PYTHONPATH) -> the finished subprocess.CompletedProcess, output captured; the test
+    asserts the return code it expects. For what one process cannot show: ranks, signals, exits."""
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*args, cwd=None, timeout=600):
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        return subprocess.run([sys.executable, "-m", "src.cli", *map(str, args)], cwd=cwd or tmp_path, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    return run

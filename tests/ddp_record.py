@@ -36,3 +36,14 @@ class SignalAt(L.Callback):
             import os
             import signal as signals
             os.kill(os.getpid(), getattr(signals, self.signal))
+
+
+class StopAt(L.Callback):
+    """Ends the fit cleanly on every rank at the end of training step `step` (all ranks reach it together)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True

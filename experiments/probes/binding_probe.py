@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from src.data.dense_targets import covered_cells, token_cell  # noqa: E402
 from src.data.generator import MEDIUM_COLORS, GeneratorConfig, SceneGenerator, box_center, vocabulary  # noqa: E402
-from src.data.scene_stream import _image_tensor  # noqa: E402
+from src.data.scene_stream import image_tensor  # noqa: E402
 from src.data.tokenizer import WordTokenizer  # noqa: E402
 from src.lit.checkpoint_io import load_base_checkpoint  # noqa: E402
 from src.models import VisionEncoder, VisorLVLM  # noqa: E402
@@ -182,7 +182,7 @@ def probe(checkpoint: str, n_images: int, seed: int, batch: int = 25) -> dict:
     scenes = []  # (image, the medium pair, {task: [(question, answer), ...]}) from the generator
     for image, scene, qa in medium_pair_scenes(gen, n_images):
         asked = {t: [(q["question"], q["answer"]) for q in qa if q["task"] == t] for t in ("spatial", "locate")}
-        scenes.append((_image_tensor(image), scene["medium"], asked))
+        scenes.append((image_tensor(image), scene["medium"], asked))
     for start in tqdm(range(0, n_images, batch), desc="binding probe", unit="batch"):
         chunk = scenes[start:start + batch]
         images = torch.stack([img for img, _, _ in chunk])

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from experiments.tables.committed_rows import weights_fingerprint  # noqa: E402
 from src.data.dense_targets import dense_targets  # noqa: E402
 from src.data.generator import CORNERS, GeneratorConfig, SceneGenerator  # noqa: E402
-from src.data.scene_stream import _image_tensor  # noqa: E402
+from src.data.scene_stream import image_tensor  # noqa: E402
 
 CROP = 4  # tokens per side of the corner crop (32 px at stride 8: the box is at most ~24 px)
 
@@ -126,7 +126,7 @@ def _encoder_maps(encoder, items: List[tuple], batch_size: int) -> List[torch.Te
     out = []
     with torch.no_grad():
         for k in range(0, len(items), batch_size):
-            images = torch.stack([_image_tensor(im) for im, _ in items[k:k + batch_size]])
+            images = torch.stack([image_tensor(im) for im, _ in items[k:k + batch_size]])
             feats = encoder.features(images)  # (B, V, C)
             out += list(feats.transpose(1, 2).reshape(len(images), -1, *encoder.grid))
     return out

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from experiments.probes.binding_probe import load_exported_base, medium_pair_scenes  # noqa: E402
 from src.data.generator import (COLS3, LOCATE_ANSWERS, RELATIONS, ROWS3, SPATIAL_ANSWERS, GeneratorConfig,  # noqa: E402
                                 SceneGenerator, vocabulary)
-from src.data.scene_stream import _image_tensor  # noqa: E402
+from src.data.scene_stream import image_tensor  # noqa: E402
 from src.data.tokenizer import WordTokenizer  # noqa: E402
 from src.models import VisorLVLM  # noqa: E402
 from src.models.decoder import Decoder, DecoderConfig  # noqa: E402
@@ -81,7 +81,7 @@ def probe_items(task: str, n_images: int, seed: int, image_size: int) -> Tuple[L
                                                spatial_answer="object_relation"), aux_questions=True)
     images, qas = [], []
     for image, _, qa in medium_pair_scenes(gen, n_images):
-        images.append(_image_tensor(image))
+        images.append(image_tensor(image))
         qas.append([q for q in qa if q["task"] == task])
     return images, qas
 

@@ -7,9 +7,9 @@ parts only), seed 0, run one after the other on one machine.
 Rows are fits under outputs/table/<row> (shared with experiments/tables/foundation_table.py: `visor`,
 `full` and `full_pool2` are its rows, not rerun); `--seed K` (K > 0) fits them again with
 seed_everything K, which orders the training stream, under outputs/table_seed<K>/<row>, and the
-table lists every seed found, one line each. Plus two rows read from
-experiments/tables/budget_report.py's runs: VISOR at each budget (the universal model) and VISOR with
-the REINFORCE router. A finished row is not rerun. Writes experiments/results/headline.{md,csv}
+table lists every seed found, one line each. Plus rows read from experiments/tables/budget_report.py's
+runs, at every seed it fitted: VISOR at each budget (the universal model), VISOR trained at one
+budget, and VISOR with the REINFORCE router. A finished row is not rerun. Writes experiments/results/headline.{md,csv}
 and headline.png (hard accuracy vs LLM GFLOPs per sample, Pareto front marked).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from experiments.tables.committed_rows import merge_committed, weights_fingerprint  # noqa: E402
-from experiments.tables.runs import parse_row_args, run_fit, run_logdir  # noqa: E402
+from experiments.tables.runs import fitted_seeds, parse_row_args, run_fit, run_logdir, seed_args, seed_group  # noqa: E402
 from experiments.tables.tb_scalars import latest_scalars  # noqa: E402
 from src.flops import CONVENTION  # noqa: E402
 from src.plots import pareto_chart  # noqa: E402
@@ -51,52 +51,45 @@ FITS: Dict[str, tuple] = {
     "visor_pool2": ("VISOR + pool 2x2", VISOR + _delta("pool2")),
 }
 N_BUDGETS = 3  # configs/universal.yaml (experiments/tables/budget_report.py)
+GROUP, BUDGETS_GROUP = "table", "budgets"  # outputs/<group>[_seed<K>]/<row>: this table's fits, budget_report's
 
 
 def _values(logdir: Path) -> dict:
     return {k: v.value for k, v in latest_scalars(str(logdir), "val/").items()}
 
 
-def seed_group(seed: int) -> str:
-    """Where a row's fit with this seed lives: outputs/<group>/<row> (seed 0: the configs' own, `table`)."""
-    return "table" if seed == 0 else f"table_seed{seed}"
-
-
-def _fitted_seeds() -> List[int]:
-    found = (p.name[len("table_seed"):] for p in (ROOT / "outputs").glob("table_seed*"))
-    return [0] + sorted(int(s) for s in found if s.isdigit())
-
-
 def collect() -> List[dict]:
     """One record per row and seed that has results on this machine (keys: the CSV's columns)."""
     records = []
     for name, (what, _) in FITS.items():
-        for seed in _fitted_seeds():
-            logdir = run_logdir(seed_group(seed), name)
+        for seed in fitted_seeds(GROUP):
+            logdir = run_logdir(seed_group(GROUP, seed), name)
             if (logdir / "DONE").exists():
                 v = _values(logdir)
                 records.append(dict(row=name, what=what, seed=seed, easy=v.get("val/acc/easy"),
                                     hard=v.get("val/acc/hard"), llm_gflops=v.get("val/gflops"),
                                     read=v.get("val/acc/read"), count=v.get("val/acc/count")))
     # experiments/tables/budget_report.py's fits: the universal model at every budget, models trained at one
-    for fit, row, budgets, what in [("universal", "universal", range(N_BUDGETS), "VISOR universal, budget {k}")] + [
-            (f"fixed{k}", "fixed", [k], "VISOR trained at budget {k} only") for k in range(N_BUDGETS)]:
-        logdir = run_logdir("budgets", fit)
-        if not (logdir / "DONE").exists():
-            continue
-        v = _values(logdir)
-        for k in budgets:
-            records.append(dict(row=f"{row}@{k}", what=what.format(k=k),
-                                easy=v.get(f"val/acc/easy@budget={k}"), hard=v.get(f"val/acc/hard@budget={k}"),
-                                llm_gflops=v.get(f"val/gflops@budget={k}"), read=v.get(f"val/acc/read@budget={k}"),
-                                count=v.get(f"val/acc/count@budget={k}")))
-    policy = run_logdir("budgets", "policy_reinforce")
-    if (policy / "DONE").exists():
-        v = _values(policy)
-        records.append(dict(row="policy_reinforce", what="VISOR universal + REINFORCE router", easy=v.get("val/acc/easy"),
-                            hard=v.get("val/acc/hard"), llm_gflops=v.get("val/gflops"), read=v.get("val/acc/read"),
-                            count=v.get("val/acc/count")))
-    return [dict(r, seed=r.get("seed", 0)) for r in records if None not in (r["easy"], r["hard"], r["llm_gflops"])]
+    # budget, the REINFORCE router; at every seed fitted there
+    for seed in fitted_seeds(BUDGETS_GROUP):
+        for fit, row, budgets, what in [("universal", "universal", range(N_BUDGETS), "VISOR universal, budget {k}")] + [
+                (f"fixed{k}", "fixed", [k], "VISOR trained at budget {k} only") for k in range(N_BUDGETS)]:
+            logdir = run_logdir(seed_group(BUDGETS_GROUP, seed), fit)
+            if not (logdir / "DONE").exists():
+                continue
+            v = _values(logdir)
+            for k in budgets:
+                records.append(dict(row=f"{row}@{k}", what=what.format(k=k), seed=seed,
+                                    easy=v.get(f"val/acc/easy@budget={k}"), hard=v.get(f"val/acc/hard@budget={k}"),
+                                    llm_gflops=v.get(f"val/gflops@budget={k}"), read=v.get(f"val/acc/read@budget={k}"),
+                                    count=v.get(f"val/acc/count@budget={k}")))
+        policy = run_logdir(seed_group(BUDGETS_GROUP, seed), "policy_reinforce")
+        if (policy / "DONE").exists():
+            v = _values(policy)
+            records.append(dict(row="policy_reinforce", what="VISOR universal + REINFORCE router", seed=seed,
+                                easy=v.get("val/acc/easy"), hard=v.get("val/acc/hard"), llm_gflops=v.get("val/gflops"),
+                                read=v.get("val/acc/read"), count=v.get("val/acc/count")))
+    return [r for r in records if None not in (r["easy"], r["hard"], r["llm_gflops"])]
 
 
 ROW_ORDER = (list(FITS) + [f"{fit}@{k}" for fit in ("universal", "fixed") for k in range(N_BUDGETS)]
@@ -166,9 +159,8 @@ def seed_summary(records: List[dict]) -> List[str]:
 def main() -> None:
     args, names = parse_row_args(__doc__, FITS, seed=True)
     if not args.table_only:
-        seed_args = ["--seed_everything", str(args.seed)] if args.seed else []
         for name in names:
-            run_fit(seed_group(args.seed), name, FITS[name][1] + seed_args, args.steps)
+            run_fit(seed_group(GROUP, args.seed), name, FITS[name][1] + seed_args(args.seed), args.steps)
     print(write(collect(), ROOT / "experiments" / "results", weights_fingerprint()))
 
 

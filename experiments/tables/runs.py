@@ -20,6 +20,23 @@ def run_logdir(group: str, name: str, workdir: Path = ROOT) -> Path:
     return Path(workdir) / "outputs" / group / name / "run"
 
 
+def seed_group(group: str, seed: int) -> str:
+    """Where a row fitted with seed_everything `seed` lives: outputs/<group> for seed 0 (the configs'
+    own), outputs/<group>_seed<seed> otherwise."""
+    return group if seed == 0 else f"{group}_seed{seed}"
+
+
+def fitted_seeds(group: str, workdir: Path = ROOT) -> List[int]:
+    """0 and every seed with a outputs/<group>_seed<K> folder on this machine, ascending."""
+    found = (p.name[len(group) + len("_seed"):] for p in (Path(workdir) / "outputs").glob(f"{group}_seed*"))
+    return [0] + sorted(int(s) for s in found if s.isdigit() and int(s) > 0)
+
+
+def seed_args(seed: int) -> List[str]:
+    """The fit arguments of a seed (none for seed 0: the configs' own seed_everything)."""
+    return ["--seed_everything", str(seed)] if seed else []
+
+
 def run_fit(group: str, name: str, args: List[str], steps: Optional[int] = None,
             python: str = sys.executable, workdir: Path = ROOT) -> Path:
     logdir = run_logdir(group, name, workdir)

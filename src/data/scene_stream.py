@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from src.data.generator import GeneratorConfig, SceneGenerator
 
 
-def _image_tensor(image) -> torch.Tensor:
+def image_tensor(image) -> torch.Tensor:
+    """A PIL RGB image (H x W) -> (3, H, W) float32 in [0, 1], as the training shards decode one."""
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -40,7 +41,7 @@ class SceneStream(IterableDataset):
         index = self.start + worker
         while True:
             image, scene, _ = gen.generate(index)
-            yield _image_tensor(image), scene
+            yield image_tensor(image), scene
             index += n_workers
 
 
@@ -56,7 +57,7 @@ class SceneSet(Dataset):
 
     def __getitem__(self, index: int) -> tuple:
         image, scene, _ = self.gen.generate(index)
-        return _image_tensor(image), scene
+        return image_tensor(image), scene
 
 
 class SceneStreamDataModule(L.LightningDataModule):

@@ -39,11 +39,10 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from src.eval.checkpoints import load_for_eval
 from src.flops import sample_flops
 from src.lit.batch import sizes_of
+from src.lit.checkpoint_io import dtype_named
 from src.lit.predict import decode
 from src.models.generation import generate
 from src.models.policy import select_budgets
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def manifest() -> ModelManifest:
@@ -64,11 +63,10 @@ class Visor(lmms):
         super().__init__()
         if unused:
             logger.warning(f"visor: ignoring model_args {sorted(unused)}")
-        if dtype not in DTYPES:
-            raise ValueError(f"visor: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = dtype_named(dtype, "visor: dtype")
         self.model = load_for_eval(str(checkpoint), config, tokenizer, chat_template)
         self.device = torch.device(device)
-        self.lvlm = self.model.lvlm.to(self.device, DTYPES[dtype]).eval()
+        self.lvlm = self.model.lvlm.to(self.device, dtype).eval()
         self.tok = self.model.tokenizer
         self.batch_size = int(batch_size)
         if self.batch_size < 1:

@@ -1,4 +1,4 @@
-"""Base checkpoints: export a trained LVLM as half-precision safetensors + manifest, and load one
+"""Base checkpoints: export a trained LVLM as safetensors (half precision unless asked) + manifest, and load one
 into a (possibly VISOR-converted) LVLM with an explicit account of every tensor."""
 from __future__ import annotations
 
@@ -14,6 +14,16 @@ from safetensors.torch import load_file, save_file
 
 from src.models.lvlm import VisorLVLM
 from src.models.state_check import state_differences
+
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # by the names configs use
+
+
+def dtype_named(name: str, field: str) -> torch.dtype:
+    """The torch dtype of a DTYPES name; a ValueError naming `field` otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"{field} must be one of {list(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 class CheckpointMismatch(RuntimeError):

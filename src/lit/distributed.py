@@ -30,6 +30,7 @@ its weights each time it is entered, so ranks must enter units equally often:
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import lightning as L
@@ -80,6 +81,37 @@ class ShardedDataParallel(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict:
+        """Lightning's load of a full checkpoint, except for the optimizer state of parameters the
+        optimizer had not stepped yet (the base parameters of a run saved in stage 1, whose gradients
+        are dropped; optional layers no drawn budget ran): the checkpoint has none, and they get none
+        here either, so their first step is a first step as in the run that saved it. (Lightning's
+        one `strict` flag covers the model and the optimizer, and torch's non-strict optimizer load
+        gives every parameter a state stepped once with zero gradients, which changes Adam's bias
+        correction: the flag is lifted, the model's tensor names checked here, those states dropped.)"""
+        from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType
+
+        module, path = self.lightning_module, Path(self.broadcast(checkpoint_path))
+        if not path.is_file():  # a folder of shards: Lightning's own load
+            return super().load_checkpoint(path, weights_only)
+        saved = torch.load(path, mmap=True, map_location="cpu", weights_only=True)
+        names, ours = set(saved["state_dict"]), set(self.model.state_dict())
+        if module.strict_loading and names != ours:
+            raise RuntimeError(f"{path}: its model state differs from the model's: missing "
+                               f"{sorted(ours - names)[:10]}, unexpected {sorted(names - ours)[:10]}")
+        strict, module.strict_loading = module.strict_loading, False
+        try:
+            out = super().load_checkpoint(path, weights_only)
+        finally:
+            module.strict_loading = strict
+        params = dict(self.model.named_parameters())
+        for optimizer, state in zip(self.optimizers, saved.get("optimizer_states", [])):
+            if state["state"] and isinstance(next(iter(state["state"])), int):  # saved by position: to names
+                state = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model)
+            for name in params.keys() - set(state["state"]):
+                optimizer.state.pop(params[name], None)
+        return out
 
 
 def is_sharded(trainer: Optional[L.Trainer]) -> bool:

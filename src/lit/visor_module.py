@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -189,13 +190,17 @@ class VisorLitModule(LVLMModule):
         self._t0 = time.perf_counter()
 
     def step_budgets(self, step: int) -> List[int]:
-        """The budgets training step `step` runs (seeded by the step, so a resumed run repeats them)."""
+        """The budgets training step `step` runs, drawn from the step and the run's seed: every rank
+        draws the same (a rank's own RNG would differ), a resumed run repeats them, and seeds differ.
+        The seed is seed_everything's (PL_GLOBAL_SEED, inherited by every rank); seed 0 draws by the
+        step alone."""
         plan, mode = self.lvlm.plan, self.hparams.budget_sampling
         if isinstance(mode, int):
             return [mode]
         if mode == "largest":
             return [plan.largest_budget]
-        rng = random.Random(step)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        rng = random.Random(step + (seed << 32))
         pick = rng.randrange(plan.n_budgets)
         if mode == "uniform":
             return [pick]

@@ -1,5 +1,6 @@
 """experiments/tables/headline_table.py: one line per row and seed, committed seeds kept."""
-from experiments.tables.headline_table import seed_group, write
+from experiments.tables.headline_table import write
+from experiments.tables.runs import seed_group
 
 
 def _record(row, seed, hard):
@@ -21,7 +22,7 @@ def test_each_seed_is_a_line_and_a_rewrite_keeps_the_other_seeds(tmp_path):
     write([_record("visor", 1, 0.8)], tmp_path, "b1")
     assert [l[2] for l in _lines(tmp_path)] == ["95.0", "92.0", "80.0"]
     assert "| visor | visor | 1 |" in (tmp_path / "headline.md").read_text()
-    assert seed_group(0) == "table" and seed_group(2) == "table_seed2"
+    assert seed_group("table", 0) == "table" and seed_group("table", 2) == "table_seed2"
 
 
 def test_rows_at_several_seeds_get_mean_and_range_and_the_paired_gap_to_full(tmp_path):

@@ -31,11 +31,27 @@ def test_base_to_visor_conversion_loads_every_tensor(tmp_path, tiny_decoder_conf
     assert torch.equal(visor.decoder.cross["1"].q_proj.weight, base_half)  # re-copied from the loaded host
     # With gates at zero and the pos conv at identity, the converted model's S-layer output matches
     # the base's (up to fp16 rounding of the weights).
-    images, ids = torch.rand(2, 3, 64, 64), torch.randint(0, 40, (2, 5))
+    images = torch.rand(2, 3, 64, 64)
     base.load_state_dict({k: v.half().float() for k, v in base.state_dict().items()})
     base.eval(), visor.eval()
     with torch.no_grad():
         assert torch.allclose(base.encode_images(images).tokens, visor.encode_images(images).tokens)
+
+
+def test_an_export_in_bfloat16_keeps_a_bf16_model_bit_exact_and_a_bad_dtype_names_the_field(tmp_path,
+                                                                                             tiny_decoder_config):
+    from src.lit.callbacks import ExportCheckpoint
+
+    torch.manual_seed(0)
+    model = _model(tiny_decoder_config, LayerPlan(4, all_self=True), pos_conv=False).to(torch.bfloat16)
+    model.decoder.norm.weight.data.fill_(3e38)  # beyond float16's range (65504): it would become inf
+    out = export_checkpoint(model, tmp_path / "bf16", {}, dtype=torch.bfloat16)
+    state = load_file(str(out / "model.safetensors"))
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert ExportCheckpoint(str(tmp_path), dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"ExportCheckpoint.dtype must be one of \['float16', 'bfloat16', 'float32'\]"):
+        ExportCheckpoint(str(tmp_path), dtype="float64")
 
 
 def test_mismatches_are_listed(tmp_path, tiny_decoder_config):
@@ -82,12 +98,9 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_checkpoints_from_the_command_line_are_not_unpickled(tmp_path):
+def test_checkpoints_from_the_command_line_are_not_unpickled(tmp_path, cli_process):
     """A .ckpt whose pickle runs code is refused by every reader of user-supplied checkpoints
     (src.export, the evaluation loader, LightningCLI's --ckpt_path), and the code never runs."""
-    import subprocess
-    import sys
-
     from src.eval.checkpoints import load_for_eval
     from src.export import main as export_main
     from tests.fit_args import ROOT
@@ -99,11 +112,8 @@ def test_checkpoints_from_the_command_line_are_not_unpickled(tmp_path):
         export_main(["--config", str(ROOT / "configs/visor.yaml"), "--ckpt", str(evil), "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="evil.ckpt: refused"):
         load_for_eval(str(evil), config=str(ROOT / "configs/visor.yaml"))
-    run = subprocess.run([sys.executable, "-m", "src.cli", "validate", "--config", str(ROOT / "configs/visor.yaml"),
-                          "--model.base_checkpoint", str(ROOT / "checkpoints/base"),
-                          "--ckpt_path", str(evil), "--data.root", str(tmp_path / "data"), "--data.val_images", "4",
-                          "--data.train_images", "4", "--data.images_per_shard", "4"],
-                         cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=300)
+    run = cli_process("validate", "--config", ROOT / "configs/visor.yaml", "--model.base_checkpoint",
+                      ROOT / "checkpoints/base", "--ckpt_path", evil, "--data.root", tmp_path / "data",
+                      "--data.val_images", "4", "--data.train_images", "4", "--data.images_per_shard", "4", timeout=300)
     assert run.returncode != 0 and "weights_only" in run.stderr, run.stderr[-2000:]
     assert not marker.exists()

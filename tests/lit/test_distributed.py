@@ -3,27 +3,26 @@ training stages and validates must not hang, and must leave both ranks with the 
 validate on two processes reports what one reports on the same data (each rank its share of the
 images, metrics reduced across ranks)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.fit_args import TWO_RANK_DATA as DATA, on_cpu
+
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ["--data.train_images", "40", "--data.val_images", "10", "--data.images_per_shard", "10",
-        "--data.num_workers", "0", "--data.batch_size", "4", "--data.val_batch_size", "8"]
 
 
-def cli(tmp_path, *args, devices=2, timeout=420):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "src.cli", *args, "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-           *(["--config", str(ROOT / "configs/strategy/ddp.yaml")] if devices > 1 else []),
-           "--data.root", str(tmp_path / "data"), *DATA]
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run.stdout + run.stderr
+@pytest.fixture
+def cli(cli_process, tmp_path):
+    """run(*args, devices=2): a command on `devices` CPU processes (DDP for 2) on tiny data in
+    tmp_path/data; asserts it succeeded -> its output."""
+    def run(*args, devices=2, timeout=420):
+        out = cli_process(*args, *on_cpu(devices, "ddp" if devices > 1 else None), "--data.root", tmp_path / "data",
+                          *DATA, timeout=timeout)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout + out.stderr
+    return run
 
 
 def _metrics(path):
@@ -31,12 +30,12 @@ def _metrics(path):
 
 
 @pytest.mark.parametrize("universal", [False, True])
-def test_ddp_fit_two_processes_stays_in_step(tmp_path, universal):
+def test_ddp_fit_two_processes_stays_in_step(tmp_path, cli, universal):
     """Stage 1 (new parts only) for 2 steps, then stage 2, with a validation between (the ranks hold
     different numbers of validation batches); universal: a random budget per step, optional layers skipped."""
     out = tmp_path / "record"
     delta = ["--config", str(ROOT / "configs/universal.yaml")] if universal else []
-    cli(tmp_path, "fit", "--config", str(ROOT / "configs/visor.yaml"), *delta,
+    cli("fit", "--config", str(ROOT / "configs/visor.yaml"), *delta,
         "--model.base_checkpoint", str(ROOT / "checkpoints/base"), "--trainer.max_steps", "4",
         "--model.new_params_only_steps", "2", "--trainer.val_check_interval", "2",
         "--trainer.callbacks+=tests.ddp_record.Record", f"--trainer.callbacks.out={out}")
@@ -51,12 +50,12 @@ def test_ddp_fit_two_processes_stays_in_step(tmp_path, universal):
     assert _metrics(out / "rank0_metrics.json") == _metrics(out / "rank1_metrics.json")
 
 
-def test_validate_on_two_processes_reports_what_one_does(tmp_path):
+def test_validate_on_two_processes_reports_what_one_does(tmp_path, cli):
     out1, out2 = tmp_path / "one", tmp_path / "two"
     args = ["validate", "--config", str(ROOT / "configs/visor.yaml"), "--model.base_checkpoint",
             str(ROOT / "checkpoints/base"), "--trainer.callbacks+=tests.ddp_record.Record"]
-    cli(tmp_path, *args, f"--trainer.callbacks.out={out1}", devices=1)
-    cli(tmp_path, *args, f"--trainer.callbacks.out={out2}", devices=2)
+    cli(*args, f"--trainer.callbacks.out={out1}", devices=1)
+    cli(*args, f"--trainer.callbacks.out={out2}", devices=2)
     one, two = _metrics(out1 / "rank0_metrics.json"), _metrics(out2 / "rank0_metrics.json")
     assert two == _metrics(out2 / "rank1_metrics.json")
     assert {k for k in one if k.startswith("val/acc")} == {k for k in two if k.startswith("val/acc")}
@@ -64,7 +63,7 @@ def test_validate_on_two_processes_reports_what_one_does(tmp_path):
         assert two[k] == pytest.approx(v, abs=1e-6 if k.startswith("val/acc") or "gflops" in k else 1e-4), k
 
 
-def test_policy_validate_on_two_processes_reports_what_one_does(tmp_path, monkeypatch):
+def test_policy_validate_on_two_processes_reports_what_one_does(tmp_path, cli, monkeypatch):
     """The policy stage's epoch statistics (GFLOPs, budget mix per task, reward) are gathered from
     every rank (src.lit.distributed.gather_lists): 2 processes report what 1 does. The router: a
     2-step fit (its feature statistics learnt), then random weights, so that its choices vary."""
@@ -87,8 +86,8 @@ def test_policy_validate_on_two_processes_reports_what_one_does(tmp_path, monkey
     fit.trainer.save_checkpoint(str(ckpt))
     out1, out2 = tmp_path / "one", tmp_path / "two"
     args = ["validate", *policy[:4], "--ckpt_path", str(ckpt), "--trainer.callbacks+=tests.ddp_record.Record"]
-    cli(tmp_path, *args, f"--trainer.callbacks.out={out1}", devices=1)
-    cli(tmp_path, *args, f"--trainer.callbacks.out={out2}", devices=2)
+    cli(*args, f"--trainer.callbacks.out={out1}", devices=1)
+    cli(*args, f"--trainer.callbacks.out={out2}", devices=2)
     one, two = _metrics(out1 / "rank0_metrics.json"), _metrics(out2 / "rank0_metrics.json")
     assert two == _metrics(out2 / "rank1_metrics.json")
     assert one.keys() == two.keys()

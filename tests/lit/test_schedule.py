@@ -66,3 +66,30 @@ def test_the_summary_counts_the_phase_trainable_parameters(base_export):
     module._trainer.global_step = 2
     module._set_stage()
     assert ModelSummary(module).trainable_parameters == everything
+
+
+@pytest.mark.parametrize("mode", ["uniform", "sandwich"])
+def test_budget_draws_follow_the_step_and_the_run_seed(tiny_decoder_config, monkeypatch, mode):
+    """Universal steps draw from (step, seed_everything's seed): a repeated step (a resume, another
+    rank) draws the same budgets, another seed another sequence; seed 0 draws by the step alone."""
+    import random
+
+    from src.lit.visor_module import VisorLitModule
+    from src.models import LayerPlan, VisionEncoder, VisorLVLM
+    c = tiny_decoder_config
+    plan = LayerPlan(c.n_layers, self_layers=[0, 2, 3], optional_self=[2, 3], cross_layers=[1])  # 3 budgets
+    module = VisorLitModule(VisorLVLM(VisionEncoder("test_byobnet", 2, 64), c, plan), budget_sampling=mode)
+
+    def draws(seed):
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))
+        return [module.step_budgets(s) for s in range(300)]
+
+    seed0, seed1 = draws(0), draws(1)
+    assert draws(1) == seed1
+    assert seed0 != seed1
+    pick0 = [random.Random(s).randrange(plan.n_budgets) for s in range(300)]
+    assert [d[-1] if mode == "uniform" else d for d in seed0] == (
+        pick0 if mode == "uniform" else [list(dict.fromkeys([2, 0, p])) for p in pick0])
+    for seq in (seed0, seed1):  # every budget drawn, none rarely
+        counts = [sum(b in d for d in seq) for b in range(plan.n_budgets)]
+        assert min(counts) > 60, counts

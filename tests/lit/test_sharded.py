@@ -4,15 +4,14 @@ all-gather), and the sharded gradient must be the one the unsharded model gets; 
 command line, a sharded fit equals a DDP fit on the same data, and its last.ckpt is an ordinary
 checkpoint that a one-process validate reads."""
 import json
-import os
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.fit_args import TWO_RANK_DATA, on_cpu
 
 ROOT = Path(__file__).resolve().parents[2]
 # rank 0: mixed budgets (optional layers 2 and 4 run as two row groups); rank 1: one budget for both
@@ -99,20 +98,12 @@ def test_without_equal_layer_entries_the_ranks_fall_out_of_step(tmp_path):
         assert any(not torch.allclose(grads[n], g, rtol=1e-4, atol=1e-6) for n, g in ref.items())
 
 
-DATA = ["--data.train_images", "40", "--data.val_images", "10", "--data.images_per_shard", "10",
-        "--data.num_workers", "0", "--data.batch_size", "4", "--data.val_batch_size", "8"]
+def _cli(cli_process, tmp_path, *args, strategy=None, devices=2):
+    out = cli_process(*args, *on_cpu(devices, strategy), "--data.root", tmp_path / "data", *TWO_RANK_DATA, timeout=420)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
-def _cli(tmp_path, *args, strategy=None, devices=2):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "src.cli", *args, "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-           *(["--config", str(ROOT / f"configs/strategy/{strategy}.yaml")] if strategy else []),
-           "--data.root", str(tmp_path / "data"), *DATA]
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
-
-def test_sharded_fit_equals_ddp_and_writes_an_ordinary_checkpoint(tmp_path):
+def test_sharded_fit_equals_ddp_and_writes_an_ordinary_checkpoint(tmp_path, cli_process):
     """A universal fit (a random budget per step) through both training stages with a validation
     between, under configs/strategy/fsdp.yaml and under ddp.yaml on the same data."""
     fit = ["fit", "--config", str(ROOT / "configs/visor.yaml"), "--config", str(ROOT / "configs/universal.yaml"),
@@ -122,7 +113,7 @@ def test_sharded_fit_equals_ddp_and_writes_an_ordinary_checkpoint(tmp_path):
     runs = {}
     for strategy in ("fsdp", "ddp"):
         out = tmp_path / strategy
-        _cli(tmp_path, *fit, f"--trainer.callbacks.out={out}", "--trainer.default_root_dir", str(out),
+        _cli(cli_process, tmp_path, *fit, f"--trainer.callbacks.out={out}", "--trainer.default_root_dir", str(out),
              "--trainer.logger.init_args.save_dir", str(out), strategy=strategy)
         runs[strategy] = out
         if strategy == "fsdp":  # configs/universal.yaml's export at the end of fit: the gathered weights
@@ -145,7 +136,7 @@ def test_sharded_fit_equals_ddp_and_writes_an_ordinary_checkpoint(tmp_path):
     assert {k[len("lvlm."):] for k in state if k.startswith("lvlm.")} == weights["fsdp"].keys()
     assert all(torch.equal(state["lvlm." + k], v) for k, v in weights["fsdp"].items())
     one = tmp_path / "one"
-    _cli(tmp_path, "validate", *fit[1:7], "--ckpt_path", str(ckpt), "--trainer.callbacks+=tests.ddp_record.Record",
+    _cli(cli_process, tmp_path, "validate", *fit[1:7], "--ckpt_path", str(ckpt), "--trainer.callbacks+=tests.ddp_record.Record",
          f"--trainer.callbacks.out={one}", "--trainer.logger.init_args.save_dir", str(one), devices=1)
     read = json.loads((one / "rank0_metrics.json").read_text())
     for k, v in metrics["fsdp"].items():
