@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from experiments.tables.committed_rows import merge_committed, weights_fingerprint  # noqa: E402
-from experiments.tables.runs import fitted_seeds, parse_row_args, run_fit, run_logdir, seed_args, seed_group  # noqa: E402
+from experiments.tables.runs import fitted_seeds, mean_range, parse_row_args, run_fit, run_logdir, seed_args, seed_group  # noqa: E402
 from experiments.tables.tb_scalars import latest_scalars  # noqa: E402
 from src.data.generator import TASKS  # noqa: E402
 from src.flops import CONVENTION  # noqa: E402
@@ -158,7 +158,7 @@ def write(records: list, out_dir: Path, base: str) -> str:
     """Writes budgets.{md,csv,png} from `records` (measured on base `base`) and the committed rows
     of the same base that were not measured now (experiments/tables/committed_rows.py)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = merge_committed(records, out_dir / "budgets.csv", ["row", "budget", "seed"], base, list(rows()))
+    records = merge_committed(records, out_dir / "budgets.csv", ["row", "budget", "seed"], base)
     rank = {name: i for i, name in enumerate(rows())}  # rows in table order, each row's seeds ascending
     records.sort(key=lambda r: (rank.get(r["row"], len(rank)), r["seed"]))
     curve_gaps(records)
@@ -196,11 +196,6 @@ def write(records: list, out_dir: Path, base: str) -> str:
     return text
 
 
-def _spread(xs: List[float]) -> str:
-    """Accuracy differences (fractions) as 'mean [min, max]' in signed points."""
-    return f"{100 * sum(xs) / len(xs):+.1f} [{100 * min(xs):+.1f}, {100 * max(xs):+.1f}]"
-
-
 def _by(records: list) -> Dict[tuple, dict]:
     """(row, budget, seed) -> record."""
     return {(r["row"], r["budget"], r["seed"]): r for r in records}
@@ -216,8 +211,8 @@ def seed_summary(records: list) -> List[str]:
                      and (f"fixed{k}", k, r["seed"]) in by and r["hard"] is not None]
             if pairs:
                 seeds = ", ".join(str(r["seed"]) for r, _ in pairs)
-                lines.append(f"| {name} | {k} | {seeds} | {_spread([r['hard'] - f['hard'] for r, f in pairs])} | "
-                             f"{_spread([r['acc'] - f['acc'] for r, f in pairs])} |")
+                lines.append(f"| {name} | {k} | {seeds} | {mean_range([r['hard'] - f['hard'] for r, f in pairs], '+')} | "
+                             f"{mean_range([r['acc'] - f['acc'] for r, f in pairs], '+')} |")
     if not lines:
         return []
     return ["", "Universal vs one-budget training, paired by seed: the universal row's accuracy minus that of the "
@@ -237,7 +232,7 @@ def budget_gains(records: list) -> List[str]:
             pairs = [(at(k, s), at(0, s)) for s in seeds if at(k, s) and at(0, s)]
             pairs = [(a, b) for a, b in pairs if all(a.get(c) is not None and b.get(c) is not None for c in columns)]
             if pairs:
-                cells = " | ".join(_spread([a[c] - b[c] for a, b in pairs]) for c in columns)
+                cells = " | ".join(mean_range([a[c] - b[c] for a, b in pairs], '+') for c in columns)
                 used = ", ".join(str(a["seed"]) for a, _ in pairs)
                 lines.append(f"| {label} | 0 -> {k} | {used} | {cells} |")
     if not lines:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from experiments.tables.committed_rows import merge_committed, weights_fingerprint  # noqa: E402
-from experiments.tables.runs import fitted_seeds, parse_row_args, run_fit, run_logdir, seed_args, seed_group  # noqa: E402
+from experiments.tables.runs import fitted_seeds, mean_range, parse_row_args, run_fit, run_logdir, seed_args, seed_group  # noqa: E402
 from experiments.tables.tb_scalars import latest_scalars  # noqa: E402
 from src.flops import CONVENTION  # noqa: E402
 from src.plots import pareto_chart  # noqa: E402
@@ -138,17 +138,14 @@ def seed_summary(records: List[dict]) -> List[str]:
     for r in records:
         by_row.setdefault(r["row"], {})[r["seed"]] = r
     full = by_row.get("full", {})
-    def spread(xs: List[float], sign: str = "") -> str:
-        return f"{100 * sum(xs) / len(xs):{sign}.1f} [{100 * min(xs):{sign}.1f}, {100 * max(xs):{sign}.1f}]"
-
     lines = []
     for row, seeds in by_row.items():
         if len(seeds) < 2:
             continue
         gaps = [r["hard"] - full[k]["hard"] for k, r in seeds.items() if k in full and row != "full"]
-        lines.append(f"| {row} | {', '.join(map(str, sorted(seeds)))} | {spread([r['easy'] for r in seeds.values()])} | "
-                     f"{spread([r['hard'] for r in seeds.values()])} | "
-                     f"{spread(gaps, '+') if gaps else '-'} |")
+        lines.append(f"| {row} | {', '.join(map(str, sorted(seeds)))} | {mean_range([r['easy'] for r in seeds.values()])} | "
+                     f"{mean_range([r['hard'] for r in seeds.values()])} | "
+                     f"{mean_range(gaps, '+') if gaps else '-'} |")
     if not lines:
         return []
     return ["", "Across seeds (rows fitted at more than one seed): mean [min, max] in %; hard vs full: the row's hard "

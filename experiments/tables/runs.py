@@ -20,6 +20,11 @@ def run_logdir(group: str, name: str, workdir: Path = ROOT) -> Path:
     return Path(workdir) / "outputs" / group / name / "run"
 
 
+def mean_range(xs: List[float], sign: str = "") -> str:
+    """Fractions as 'mean [min, max]' in points (sign "+": signed), as the tables state spreads over seeds."""
+    return f"{100 * sum(xs) / len(xs):{sign}.1f} [{100 * min(xs):{sign}.1f}, {100 * max(xs):{sign}.1f}]"
+
+
 def seed_group(group: str, seed: int) -> str:
     """Where a row fitted with seed_everything `seed` lives: outputs/<group> for seed 0 (the configs'
     own), outputs/<group>_seed<seed> otherwise."""
